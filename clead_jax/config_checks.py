@@ -1,0 +1,70 @@
+"""Checks a config before any work starts: every bad value is a one-line UserError naming the
+field, what is wrong and how to fix it."""
+
+from clead_jax import attacks
+from clead_jax import evaluation
+from clead_jax import input_pipeline
+from clead_jax import losses
+from clead_jax import models
+from clead_jax import objectives
+from clead_jax.errors import UserError
+
+
+def _choice(config, field, choices):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if value not in choices:
+    raise UserError(f"config.{field}={value!r} is unknown; choose one of {sorted(choices)}")
+
+
+def _at_least(value, bound, field, strict=False):
+  bad = value <= bound if strict else value < bound
+  if bad:
+    relation = ">" if strict else ">="
+    raise UserError(f"config.{field}={value!r} must be {relation} {bound}; "
+                    f"set --config.{field} to a valid value")
+
+
+def validate(config):
+  _choice(config, "method", objectives.METHODS)
+  _choice(config, "data.name", input_pipeline.DATASETS)
+  _choice(config, "model.name", models.MODELS)
+  _choice(config, "model.dtype", ("float32", "bfloat16"))
+  _choice(config, "attack.norm", attacks.NORMS)
+  _choice(config, "attack.name", attacks.TRAIN_ATTACKS)
+  _choice(config, "attack.objective", ("ce", "contrastive", "both"))
+  _choice(config, "attack.bn_mode", ("running", "batch"))
+  _choice(config, "loss.positives", losses.POSITIVES)
+  _choice(config, "train.optimizer", ("sgd", "adam"))
+  _choice(config, "train.schedule", ("cosine", "piecewise", "constant"))
+  _at_least(config.attack.epsilon, 0.0, "attack.epsilon")
+  _at_least(config.attack.step_size, 0.0, "attack.step_size")
+  _at_least(config.attack.steps, 1, "attack.steps")
+  _at_least(config.loss.temperature, 0.0, "loss.temperature", strict=True)
+  _at_least(config.loss.lam, 0.0, "loss.lam")
+  _at_least(config.loss.clean_weight, 0.0, "loss.clean_weight")
+  _at_least(config.loss.trades_beta, 0.0, "loss.trades_beta")
+  _at_least(config.model.projection_dim, 1, "model.projection_dim")
+  _at_least(config.model.width, 1, "model.width")
+  _at_least(config.train.batch_size, 1, "train.batch_size")
+  _at_least(config.train.epochs, 1, "train.epochs")
+  _at_least(config.train.pretrain_epochs, 0, "train.pretrain_epochs")
+  _at_least(config.train.learning_rate, 0.0, "train.learning_rate")
+  _at_least(config.train.weight_decay, 0.0, "train.weight_decay")
+  _at_least(config.train.warmup_epochs, 0, "train.warmup_epochs")
+  _at_least(config.train.log_every, 1, "train.log_every")
+  _at_least(config.train.checkpoint_every, 1, "train.checkpoint_every")
+  _at_least(config.train.keep_checkpoints, 1, "train.keep_checkpoints")
+  _at_least(config.train.eval_every, 0, "train.eval_every")
+  _at_least(config.eval.batch_size, 1, "eval.batch_size")
+  _at_least(config.eval.curve_points, 0, "eval.curve_points")
+  if config.train.pretrain_epochs > config.train.epochs:
+    raise UserError(f"config.train.pretrain_epochs={config.train.pretrain_epochs} exceeds "
+                    f"config.train.epochs={config.train.epochs}; lower it or raise epochs")
+  if config.model.name == "wide_resnet" and (config.model.depth - 4) % 6:
+    raise UserError(f"config.model.depth={config.model.depth}: WideResNet depth must be 6n+4 "
+                    "(e.g. 28 or 34); set --config.model.depth")
+  evaluation.parse_attack_names(config.eval.attacks)
+  if config.eval.curve_points:
+    _choice(config, "eval.curve_attack", attacks.EVAL_ATTACKS)

@@ -1,0 +1,69 @@
+"""The base config every file in configs/ starts from. Plain values only; code builds the rest."""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # One of: standard, pgd_at, trades, clead (clead_jax/objectives.py METHODS).
+  config.method = "clead"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"  # digits, cifar10, cifar100, svhn_cropped
+  config.data.data_dir = ""  # TFDS data_dir; empty means TFDS's default (~/tensorflow_datasets)
+  config.data.download = True  # let TFDS download and prepare a missing dataset
+  config.data.augment = False  # random crop (pad 4) and horizontal flip, on the device
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "small_cnn"  # small_cnn, resnet18, preact_resnet18, wide_resnet
+  config.model.width = 32  # base width (small_cnn, resnets)
+  config.model.depth = 28  # wide_resnet only
+  config.model.widen = 10  # wide_resnet only
+  config.model.projection_dim = 128
+  config.model.dtype = "float32"  # float32 or bfloat16 compute; params stay float32
+
+  # The threat model (norm, epsilon) and the attack used to make training examples.
+  config.attack = ml_collections.ConfigDict()
+  config.attack.norm = "linf"  # linf or l2
+  config.attack.epsilon = 0.2
+  config.attack.name = "pgd"  # fgsm, fgsm_rs, pgd
+  config.attack.steps = 10
+  config.attack.step_size = 0.05
+  config.attack.random_start = True
+  config.attack.objective = "ce"  # ce, contrastive, both (clead only)
+  config.attack.bn_mode = "running"  # running: BatchNorm running stats; batch: batch stats, not updated
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.temperature = 0.1  # InfoNCE tau
+  config.loss.lam = 1.0  # InfoNCE weight lambda
+  config.loss.clean_weight = 1.0  # weight of CE on clean images in C-LEAD
+  config.loss.positives = "pair"  # pair, class (SupCon), instance
+  config.loss.trades_beta = 6.0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128  # global batch, over all devices of all processes
+  config.train.epochs = 30
+  config.train.pretrain_epochs = 0  # epochs of clean (standard) training before the method
+  config.train.init_from = ""  # workdir of another run whose latest params start this one
+  config.train.optimizer = "sgd"  # sgd or adam
+  config.train.learning_rate = 0.1
+  config.train.momentum = 0.9
+  config.train.nesterov = False
+  config.train.weight_decay = 5e-4
+  config.train.schedule = "cosine"  # cosine (with warm-up), piecewise, constant
+  config.train.warmup_epochs = 0
+  config.train.piecewise_boundaries = (0.5, 0.75)  # fractions of training, each multiplies lr by 0.1
+  config.train.log_every = 20
+  config.train.checkpoint_every = 200
+  config.train.keep_checkpoints = 3
+  config.train.eval_every = 0  # epochs between evaluations during training; 0: only at the end
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.attacks = "fgsm,pgd20,pgd100,cw"
+  config.eval.batch_size = 512
+  config.eval.num_examples = -1  # -1: the whole test split
+  config.eval.curve_points = 9  # robustness curve: epsilon from 0 to 2 epsilon
+  config.eval.curve_attack = "pgd20"
+  config.eval.during_train_examples = 512  # test examples used by eval_every
+  return config

@@ -1,0 +1,107 @@
+"""Robust evaluation: clean accuracy, accuracy under each attack of the suite, and the
+robustness curve, on the test split, sharded over all devices.
+
+The model is evaluated in inference mode (BatchNorm running statistics), during the attack too.
+Each example's random start comes from (seed, its index in the split), so results do not depend
+on the evaluation batch size or the device count.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from clead_jax import attacks
+from clead_jax import input_pipeline
+from clead_jax import parallel
+from clead_jax.errors import UserError
+
+
+def parse_attack_names(names: str, field: str = "config.eval.attacks"):
+  parsed = [n.strip() for n in names.split(",") if n.strip()]
+  unknown = [n for n in parsed if n not in attacks.EVAL_ATTACKS]
+  if unknown:
+    raise UserError(f"{field}: unknown attack(s) {unknown}; choose from "
+                    f"{sorted(attacks.EVAL_ATTACKS)}")
+  return parsed
+
+
+class Evaluator:
+  """Compiles one function per attack and runs it over a split, batch by batch."""
+
+  def __init__(self, network, mesh, norm, batch_size, seed):
+    self.network = network
+    self.mesh = mesh
+    self.norm = norm
+    self.seed = seed
+    devices = jax.device_count()
+    self.batch_size = -(-batch_size // devices) * devices  # round up to a multiple of devices
+    self._compiled = {}
+
+  def _apply(self, variables, x):
+    return self.network.apply(variables, x, train=False)
+
+  def _correct_fn(self, attack_name):
+    if attack_name not in self._compiled:
+      attack = attacks.EVAL_ATTACKS.get(attack_name)
+      norm = self.norm
+
+      def correct(variables, images, labels, indices, epsilon):
+        x = input_pipeline.to_float(images)
+        if attack is not None:
+          base = jax.random.key(self.seed)
+          keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+          x = attack(self._apply, variables, x, labels, keys, epsilon=epsilon, norm=norm)
+        logits, _ = self._apply(variables, x)
+        return jnp.argmax(logits, -1) == labels
+
+      data = parallel.batch_sharding(self.mesh)
+      self._compiled[attack_name] = jax.jit(
+          correct, in_shardings=(parallel.replicated(self.mesh), data, data, data, None),
+          out_shardings=data)
+    return self._compiled[attack_name]
+
+  def accuracy(self, variables, images, labels, attack_name, epsilon, progress=False):
+    """Fraction of examples classified correctly after the attack ('clean': no attack)."""
+    fn = self._correct_fn(attack_name)
+    n = len(labels)
+    sharding = parallel.batch_sharding(self.mesh)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    correct = 0
+    starts = range(0, n, self.batch_size)
+    for start in tqdm(starts, desc=f"eval {attack_name}", disable=not progress, leave=False):
+      indices = np.arange(start, start + self.batch_size)
+      valid = indices < n
+      indices = np.where(valid, indices, 0)  # pad the last batch with example 0
+      host = input_pipeline.local_batch(images, labels, indices, process_index, process_count)
+      host["indices"] = indices.reshape(process_count, -1)[process_index].astype(np.int32)
+      host["valid"] = valid.reshape(process_count, -1)[process_index]
+      batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
+      ok = fn(variables, batch["image"], batch["label"], batch["indices"],
+              jnp.float32(epsilon))
+      correct += int(jnp.sum(ok & batch["valid"]))
+    return correct / n
+
+
+def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, curve_points=0,
+             curve_attack="pgd20", progress=False):
+  """Runs the suite; returns the report's accuracy fields and the robustness curve."""
+  start = time.time()
+  result = {"num_examples": int(len(labels)),
+            "clean_accuracy": evaluator.accuracy(variables, images, labels, "clean", 0.0)}
+  result["robust_accuracy"] = {
+      name: evaluator.accuracy(variables, images, labels, name, epsilon, progress)
+      for name in attack_names}
+  if curve_points:
+    epsilons = np.linspace(0.0, 2.0 * epsilon, curve_points)
+    result["robustness_curve"] = {
+        "attack": curve_attack,
+        "epsilon": [float(e) for e in epsilons],
+        "accuracy": [evaluator.accuracy(variables, images, labels, curve_attack, float(e))
+                     for e in tqdm(epsilons, desc="robustness curve", disable=not progress,
+                                   leave=False)],
+    }
+  result["eval_time_s"] = time.time() - start
+  return result

@@ -1,0 +1,195 @@
+"""Datasets held in host memory, a deterministic global-batch order, per-process shards,
+host-to-device prefetch, and on-device augmentation.
+
+Every supported dataset fits in host memory (CIFAR-10/100: 180 MB, SVHN: 240 MB as uint8), so
+the whole split is loaded once and batches are drawn by index. The order of step s depends only
+on (seed, s): a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+import collections
+import dataclasses
+import os
+import socket
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clead_jax.errors import UserError
+
+# Digits: scikit-learn's bundled 1,797 8x8 images (pixel values 0..16, scaled to [0, 1]). The
+# split is fixed: a permutation with numpy seed 0; the first 1,437 images train, the last 360 test.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_SIZE = 360
+
+# Hosts TFDS downloads each dataset from; probed before a download so that an offline machine
+# gets one clear message instead of minutes of retries.
+_DOWNLOAD_HOSTS = {
+    "cifar10": "www.cs.toronto.edu",
+    "cifar100": "www.cs.toronto.edu",
+    "svhn_cropped": "ufldl.stanford.edu",
+}
+
+# Per-channel mean/std used by the model's first layer.
+_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A whole dataset in host memory. Images are NHWC, uint8 in [0, 255] or float32 in [0, 1]."""
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  mean: tuple
+  std: tuple
+
+  @property
+  def image_shape(self):
+    return self.train_images.shape[1:]
+
+
+def load_digits(data_config) -> Dataset:
+  del data_config
+  from sklearn.datasets import load_digits as sklearn_digits  # pylint: disable=g-import-not-at-top
+  digits = sklearn_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels))
+  train, test = order[:-DIGITS_TEST_SIZE], order[-DIGITS_TEST_SIZE:]
+  mean, std = float(images[train].mean()), float(images[train].std())
+  return Dataset("digits", images[train], labels[train], images[test], labels[test], 10,
+                 (mean,), (std,))
+
+
+def _host_reachable(host, timeout=5.0):
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def load_tfds(name: str, data_config) -> Dataset:
+  """Loads a TFDS image-classification dataset whole into host memory."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = data_config.data_dir or None
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    where = os.path.dirname(os.path.dirname(builder.data_dir))
+    supply = (f"copy a prepared '{name}' TFDS dataset into {where} or point "
+              f"--config.data.data_dir at a directory holding one")
+    if not data_config.download:
+      raise UserError(f"dataset {name!r} is not prepared in {where} and config.data.download is "
+                      f"False; {supply}")
+    host = _DOWNLOAD_HOSTS.get(name)
+    if host and not _host_reachable(host):
+      raise UserError(f"dataset {name!r} is not prepared in {where} and its source {host} cannot "
+                      f"be reached (offline?); run once on a machine with internet, or {supply}")
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"dataset {name!r} could not be downloaded into {where} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); {supply}") from e
+  splits = tfds.as_numpy(builder.as_dataset(split=["train", "test"], batch_size=-1,
+                                            shuffle_files=False))
+  (train, test) = splits
+  num_classes = builder.info.features["label"].num_classes
+  mean, std = _STATS[name]
+  return Dataset(name, train["image"], train["label"].astype(np.int32), test["image"],
+                 test["label"].astype(np.int32), num_classes, mean, std)
+
+
+# The dataset registry: config.data.name -> loader(data_config).
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": load_digits,
+    "cifar10": lambda dc: load_tfds("cifar10", dc),
+    "cifar100": lambda dc: load_tfds("cifar100", dc),
+    "svhn_cropped": lambda dc: load_tfds("svhn_cropped", dc),
+}
+
+
+def load_dataset(data_config) -> Dataset:
+  if data_config.name not in DATASETS:
+    raise UserError(f"config.data.name={data_config.name!r} is unknown; "
+                    f"choose one of {sorted(DATASETS)}")
+  return DATASETS[data_config.name](data_config)
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Full global batches per epoch (the remainder is dropped; the next epoch reshuffles)."""
+  return num_examples // global_batch
+
+
+def global_batch_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+  """Indices of the examples in global batch `step`: a fresh permutation each epoch."""
+  per_epoch = steps_per_epoch(num_examples, global_batch)
+  epoch, index = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return order[index * global_batch:(index + 1) * global_batch]
+
+
+def local_batch(images, labels, indices, process_index, process_count):
+  """This process's contiguous slice of a global batch."""
+  local = len(indices) // process_count
+  mine = indices[process_index * local:(process_index + 1) * local]
+  return {"image": images[mine], "label": labels[mine]}
+
+
+def train_batches(dataset: Dataset, global_batch: int, seed: int, start_step: int,
+                  sharding) -> Iterator[dict]:
+  """Global, sharded train batches from `start_step` on, one step ahead on the device."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+
+  def make(step):
+    indices = global_batch_indices(len(dataset.train_labels), global_batch, seed, step)
+    host = local_batch(dataset.train_images, dataset.train_labels, indices, process_index,
+                       process_count)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), host)
+
+  return prefetch(map(make, _count(start_step)), size=2)
+
+
+def _count(start):
+  step = start
+  while True:
+    yield step
+    step += 1
+
+
+def prefetch(iterator, size=2):
+  """Keeps `size` batches in flight: device_put is asynchronous, so the copy overlaps compute."""
+  queue = collections.deque()
+  for item in iterator:
+    queue.append(item)
+    if len(queue) == size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def to_float(images):
+  """Pixels as float32 in [0, 1] (uint8 images are scaled on the device)."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def augment(images, key, padding=4):
+  """Random crop after zero padding, and random horizontal flip; per example, on the device."""
+  def one(image, k):
+    k_crop, k_flip = jax.random.split(k)
+    height, width = image.shape[:2]
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    top, left = jax.random.randint(k_crop, (2,), 0, 2 * padding + 1)
+    crop = jax.lax.dynamic_slice(padded, (top, left, 0), (height, width, image.shape[2]))
+    return jnp.where(jax.random.bernoulli(k_flip), crop[:, ::-1], crop)
+
+  return jax.vmap(one)(images, jax.random.split(key, images.shape[0]))
