@@ -3,6 +3,10 @@
 The batch is sharded along 'data'; the train state is replicated. Under jit, XLA inserts the
 collectives: gradients and BatchNorm statistics are reduced over the global batch, and the
 InfoNCE similarity matrix sees every embedding of the global batch (cross-device negatives).
+
+The mesh lists devices process by process, so process p's devices hold rows
+[p * B / P, (p + 1) * B / P) of a global batch of B rows: the contiguous slice that
+input_pipeline.local_batch gives process p, and the same global batch on any topology.
 """
 
 import jax
@@ -12,8 +16,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from clead_jax.errors import UserError
 
 
+def process_major(devices):
+  """Devices grouped by process, each process's in their given order."""
+  return sorted(devices, key=lambda d: d.process_index)
+
+
 def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("data",))
+  return Mesh(np.asarray(process_major(jax.devices())), ("data",))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -69,6 +69,12 @@ def create_train_state(network, tx, image_shape, seed):
                     opt_state=tx.init(params), rng=train_key)
 
 
+def init_state(network, tx, image_shape, seed, mesh):
+  """The initial state, made directly on the devices, replicated."""
+  init = lambda: create_train_state(network, tx, image_shape, seed)
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
 def build(config, dataset):
   """The network, schedule and optimizer for a config and its dataset."""
   network = models.build_network(config.model, dataset.num_classes, dataset.mean, dataset.std)
@@ -103,7 +109,7 @@ def make_train_step(ctx, method, tx, schedule):
     (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
@@ -163,7 +169,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       print(f"clead_jax: resuming from step {int(state.step)} in {checkpointer.directory}",
             flush=True)
   else:
-    state = jax.jit(init, out_shardings=replicated)()
+    state = init_state(network, tx, dataset.image_shape, config.seed, mesh)
     if config.train.init_from:
       params, batch_stats = checkpointing.restore_params(
           config.train.init_from, abstract_state.params, abstract_state.batch_stats)
@@ -199,7 +205,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pending.append(metrics)
     done = step + 1
     if done % config.train.log_every == 0 or done == total_steps:
-      means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[-1]}
+      # Keys differ across the switch from clean pretraining to the method.
+      keys = sorted({k for m in pending for k in m})
+      means = {k: float(np.mean([float(m[k]) for m in pending if k in m])) for k in keys}
       if not np.isfinite(means["loss"]):
         raise UserError(f"non-finite loss at step {done}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in means.items()) + f"; the last good checkpoint "

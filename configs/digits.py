@@ -12,7 +12,7 @@ def get_config():
   config = get_base_config()
   config.data.name = "digits"
   config.model.name = "small_cnn"
-  config.model.width = 32
+  config.model.width = 16
   config.attack.epsilon = 0.2
   config.attack.steps = 10
   config.attack.step_size = 0.05

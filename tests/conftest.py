@@ -1,0 +1,41 @@
+"""Shared fixtures: small configs and one trained digits model per test session."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digits_config(**overrides):
+  """configs/digits.py, shrunk for tests; `overrides` maps 'a.b' -> value."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.model.width = 8
+  config.model.projection_dim = 16
+  config.train.epochs = 1
+  config.train.log_every = 5
+  config.train.checkpoint_every = 5
+  config.eval.attacks = "fgsm,pgd20"
+  config.eval.curve_points = 3
+  config.eval.num_examples = 120
+  for field, value in overrides.items():
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+  """A small CNN trained cleanly on digits through train_and_evaluate; (config, workdir, report)."""
+  from clead_jax import train  # pylint: disable=g-import-not-at-top
+  config = digits_config(**{"method": "standard", "train.epochs": 8, "model.width": 16,
+                            "train.learning_rate": 0.05})
+  workdir = str(tmp_path_factory.mktemp("trained_digits"))
+  report = train.train_and_evaluate(config, workdir)
+  return config, workdir, report

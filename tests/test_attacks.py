@@ -1,0 +1,109 @@
+"""Training and evaluation attacks: the epsilon-ball, the box, strength against FGSM and
+against a plain step-by-step reference PGD."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clead_jax import attacks
+from clead_jax import checkpointing
+from clead_jax import input_pipeline
+from clead_jax import losses
+from clead_jax import train
+
+
+def _linear_apply(variables, x):
+  logits = x.reshape(x.shape[0], -1) @ variables["w"] + variables["b"]
+  return logits, logits
+
+
+def _linear_problem(seed=0, n=64, d=20, classes=5):
+  rng = np.random.default_rng(seed)
+  variables = {"w": jnp.asarray(rng.normal(size=(d, classes)), jnp.float32),
+               "b": jnp.asarray(rng.normal(size=classes), jnp.float32)}
+  x = jnp.asarray(rng.uniform(0, 1, size=(n, d)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, classes, size=n))
+  return variables, x, y
+
+
+def _norm_of(delta, norm):
+  flat = np.asarray(delta).reshape(delta.shape[0], -1)
+  return np.abs(flat).max(-1) if norm == "linf" else np.linalg.norm(flat, axis=-1)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgsm_rs", "pgd"])
+@pytest.mark.parametrize("norm,epsilon", [("linf", 0.1), ("l2", 0.5)])
+def test_training_attacks_stay_in_ball_and_box(name, norm, epsilon):
+  variables, x, y = _linear_problem()
+  key = jax.random.key(0)
+  kwargs = dict(epsilon=epsilon, norm=norm, step_size=epsilon / 4)
+  if name == "pgd":
+    kwargs["steps"] = 7
+  x_adv = attacks.TRAIN_ATTACKS[name](_linear_apply, variables, x, y, key, **kwargs)
+  assert np.all(np.asarray(x_adv) >= 0) and np.all(np.asarray(x_adv) <= 1)
+  assert np.all(_norm_of(x_adv - x, norm) <= epsilon + 1e-5)
+  assert not np.allclose(x_adv, x)
+
+
+@pytest.mark.parametrize("name", list(attacks.EVAL_ATTACKS))
+def test_eval_attacks_stay_in_ball_and_box(name):
+  variables, x, y = _linear_problem(seed=1)
+  for norm, epsilon in [("linf", 0.05), ("l2", 0.3)]:
+    x_adv = jax.jit(functools.partial(attacks.EVAL_ATTACKS[name], _linear_apply, epsilon=epsilon,
+                                      norm=norm))(variables, x, y, jax.random.key(1))
+    assert np.all(np.asarray(x_adv) >= 0) and np.all(np.asarray(x_adv) <= 1)
+    assert np.all(_norm_of(x_adv - x, norm) <= epsilon + 1e-5)
+
+
+def reference_pgd(apply_fn, variables, x, y, x_start, epsilon, step_size, steps):
+  """Madry et al.'s PGD as usually written: a Python loop, one gradient per step, L-inf."""
+  def loss(x_adv):
+    logits, _ = apply_fn(variables, x_adv)
+    return jnp.sum(losses.cross_entropy(logits, y))
+
+  grad = jax.jit(jax.grad(loss))
+  x_adv = np.asarray(x_start)
+  x = np.asarray(x)
+  for _ in range(steps):
+    x_adv = x_adv + step_size * np.sign(np.asarray(grad(jnp.asarray(x_adv))))
+    x_adv = np.clip(np.clip(x_adv, x - epsilon, x + epsilon), 0.0, 1.0)
+  return x_adv
+
+
+def _restore(workdir, config):
+  dataset = input_pipeline.load_dataset(config.data)
+  network, _, tx, _, _ = train.build(config, dataset)
+  abstract = jax.eval_shape(lambda: train.create_train_state(network, tx, dataset.image_shape, 0))
+  state = checkpointing.Checkpointer(workdir, 3).restore(abstract)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  apply_fn = lambda v, xx: network.apply(v, xx, train=False)
+  return dataset, apply_fn, variables
+
+
+def test_pgd_equals_reference_and_eval_pgd_is_at_least_as_strong(trained_digits):
+  config, workdir, _ = trained_digits
+  dataset, apply_fn, variables = _restore(workdir, config)
+  x = jnp.asarray(dataset.test_images[:200])
+  y = jnp.asarray(dataset.test_labels[:200])
+  epsilon, key = 0.2, jax.random.key(3)
+  ours = attacks.pgd(apply_fn, variables, x, y, key, epsilon=epsilon, step_size=epsilon / 4,
+                     steps=20)
+  x_start = attacks.project(attacks.random_init(key, x, epsilon, "linf"), x, epsilon, "linf")
+  reference = reference_pgd(apply_fn, variables, x, y, x_start, epsilon, epsilon / 4, 20)
+  accuracy = lambda xa: float(jnp.mean(jnp.argmax(apply_fn(variables, xa)[0], -1) == y))
+  assert np.mean(np.abs(np.asarray(ours) - reference) > 1e-5) < 0.01  # same algorithm
+  strong = attacks.EVAL_ATTACKS["pgd20"](apply_fn, variables, x, y, key, epsilon=epsilon,
+                                         norm="linf")
+  assert accuracy(strong) <= accuracy(jnp.asarray(reference))
+  assert accuracy(strong) < accuracy(x)
+
+
+def test_pgd_lowers_accuracy_at_least_as_much_as_fgsm(trained_digits):
+  _, _, report = trained_digits
+  robust = report["robust_accuracy"]
+  assert report["clean_accuracy"] > 0.8  # a real trained model, so the comparison means something
+  assert robust["pgd20"] <= robust["fgsm"]
+  assert robust["fgsm"] < report["clean_accuracy"]
