@@ -1,65 +1,198 @@
-"""Orbax checkpoints of the whole train state: params, batch_stats, opt_state, step and PRNG key.
+"""Orbax checkpoints of everything that decides the rest of a run.
 
-The data order is a function of (seed, step), so the step is the data iterator's position.
-Each checkpoint also stores the config as JSON.
+A checkpoint holds the train state (params, batch_stats, opt_state, step, PRNG key) and, as JSON,
+the config and the data iterator's position. The batch order is a function of (seed, step), so
+the position is the step; it is stored explicitly so that a reader can check it.
+
+Saves are asynchronous and atomic: Orbax writes into a temporary directory and renames it when the
+save is complete, so a run killed mid-save leaves the previous checkpoint as the latest. A
+finalised checkpoint that cannot be read is moved aside (never deleted) and the previous one used.
 """
 
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from clead_jax.errors import UserError
 
+# Config fields that may differ when a run resumes: they change neither the model, nor the data,
+# nor the optimisation.
+RESUMABLE_FIELDS = (
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+    "data.data_dir", "data.download", "compilation_cache_dir", "eval.",
+)
+
+
+def _flatten(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def config_mismatches(stored: dict, current: dict):
+  """Fields, other than RESUMABLE_FIELDS, whose values differ: [(field, stored, current)]."""
+  stored, current = _flatten(stored), _flatten(current)
+  differ = []
+  for field in sorted(set(stored) | set(current)):
+    if any(field == f or (f.endswith(".") and field.startswith(f)) for f in RESUMABLE_FIELDS):
+      continue
+    a, b = stored.get(field), current.get(field)
+    if isinstance(a, list):
+      a = tuple(a)
+    if isinstance(b, list):
+      b = tuple(b)
+    if a != b:
+      differ.append((field, a, b))
+  return differ
+
 
 class Checkpointer:
-  """One CheckpointManager under DIR/checkpoints keeping the last `keep` checkpoints."""
+  """DIR/checkpoints keeps the last `keep` checkpoints; DIR/best_checkpoint the best by a metric."""
 
-  def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "config"))
+  def __init__(self, workdir: str, keep: int, best_metric: str = "pgd20_accuracy"):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.best_directory = os.path.join(self.workdir, "best_checkpoint")
+    self.best_metric = best_metric
+    self.manager = self._manager(self.directory, ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True))
+    self._best = None
+
+  @staticmethod
+  def _manager(directory, options):
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+  def _best_manager(self):
+    if self._best is None:
+      self._best = self._manager(self.best_directory, ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, best_fn=lambda m: m[self.best_metric], best_mode="max"))
+    return self._best
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def all_steps(self):
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, config_json: str):
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave({"config": config_json})))
+  def _failed(self, step, error):
+    steps = [s for s in self.all_steps() if s != step]
+    return UserError(
+        f"saving checkpoint {step} into {self.directory} failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); free disk space or "
+        f"choose another --workdir, then rerun to resume from step "
+        f"{steps[-1] if steps else 'none'} (earlier checkpoints {steps} are intact)")
 
-  def restore(self, abstract_state, step=None):
-    step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+  def save(self, step: int, state, meta: dict, metrics: dict | None = None, best=False):
+    manager = self._best_manager() if best else self.manager
+    try:
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from e
 
   def wait(self):
-    self.manager.wait_until_finished()
+    for manager in (self.manager, self._best):
+      if manager is None:
+        continue
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._failed(manager.latest_step(), e) from e
+
+  def read_meta(self, step, best=False):
+    manager = self._best_manager() if best else self.manager
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, abstract_state, step=None, best=False):
+    """(state, meta) of `step`, default the latest; raises UserError naming the problem."""
+    manager = self._best_manager() if best else self.manager
+    step = manager.latest_step() if step is None else step
+    steps = sorted(manager.all_steps())
+    if step not in steps:
+      raise UserError(f"--checkpoint={step}: no such checkpoint in {manager.directory}; "
+                      f"available steps: {steps}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def restore_latest_good(self, abstract_state):
+    """The newest checkpoint that can be read, moving unreadable ones aside; (None, None) if none."""
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      check_same_model(meta, abstract_state, self.directory, step)
+      try:
+        return self.restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+    return None, None
+
+  def _set_aside(self, step, error):
+    """Moves an unreadable checkpoint to checkpoints/corrupt-<step>-<time>; deletes nothing."""
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+    message = (f"checkpoint {source} cannot be read ({type(error).__name__}: "
+               f"{str(error).splitlines()[0][:160] if str(error) else ''}); moved to {target}, "
+               "falling back to the previous checkpoint")
+    logging.warning(message)
+    if jax.process_index() == 0:
+      print(f"warning: {message}", flush=True)
+      os.replace(source, target)
+    self.manager.reload()
 
   def close(self):
-    self.manager.close()
+    """Waits for the saves in flight, then releases the managers."""
+    for manager in (self.manager, self._best):
+      if manager is not None:
+        manager.close()
 
 
-def restore_params(workdir: str, abstract_params, abstract_batch_stats):
+def param_shapes(params):
+  """{'backbone/Conv_0/kernel': [3, 3, 1, 16], ...}: what tells one model from another."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): list(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def check_same_model(meta, abstract_state, directory, step):
+  """A checkpoint of another model (parameter names or shapes differ) is refused with one line."""
+  stored = meta.get("param_shapes")
+  if stored is None:
+    return
+  want = param_shapes(abstract_state.params)
+  differ = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
+  if differ:
+    raise UserError(f"checkpoint {directory}/{step} is of a different model (parameters differ: "
+                    f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); use the "
+                    "config it was trained with, or another --workdir")
+
+
+def restore_params(workdir: str, abstract_params):
   """Params and batch_stats of another run's latest checkpoint (config.train.init_from)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "config"))
+  if not os.path.isdir(directory):
+    raise UserError(f"config.train.init_from={workdir!r} holds no checkpoint under {directory}; "
+                    "point it at the workdir of a finished run")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
   step = manager.latest_step()
   if step is None:
     raise UserError(f"config.train.init_from={workdir!r} holds no checkpoint under {directory}; "
                     "point it at the workdir of a finished run")
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
   manager.close()
-  ok = (jax.tree.structure(state["params"]) == jax.tree.structure(abstract_params) and
-        all(a.shape == b.shape for a, b in zip(jax.tree.leaves(state["params"]),
-                                               jax.tree.leaves(abstract_params))))
-  if not ok:
+  state = restored["state"]
+  if param_shapes(state["params"]) != param_shapes(abstract_params):
     raise UserError(f"config.train.init_from={workdir!r}: its checkpoint is of a different model; "
                     "use a run with the same config.model and dataset")
   return state["params"], state["batch_stats"]
+

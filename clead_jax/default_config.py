@@ -8,6 +8,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # One of: standard, pgd_at, trades, clead (clead_jax/objectives.py METHODS).
   config.method = "clead"
+  # JAX's persistent compilation cache; "" turns it off.
+  config.compilation_cache_dir = "~/.cache/clead_jax/xla"
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"  # digits, cifar10, cifar100, svhn_cropped

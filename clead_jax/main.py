@@ -34,14 +34,25 @@ def main(argv):
   from clead_jax import train  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # a stop by SIGTERM also exits 0
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parser, with a bad flag value (e.g. a config override of the wrong type) reported as
+  one line and exit code 2 instead of a usage dump."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}; pass a value of the field's type (see clead_jax/default_config.py)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

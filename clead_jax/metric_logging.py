@@ -1,6 +1,7 @@
 """Training metrics to DIR/metrics.jsonl and TensorBoard event files (DIR/tensorboard).
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. Event files are written
+with tensorboardX, which does not import TensorFlow (an import that costs seconds per start).
 """
 
 import json
@@ -13,9 +14,9 @@ class MetricWriter:
     self.enabled = enabled
     self._tensorboard = None
     if enabled:
-      from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -24,7 +25,7 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self._jsonl.flush()
     for name, value in scalars.items():
-      self._tensorboard.scalar(name, value, step)
+      self._tensorboard.add_scalar(name, value, step)
     self._tensorboard.flush()
 
   def close(self):

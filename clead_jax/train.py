@@ -4,8 +4,11 @@ Sections, in order: setup (mesh, batch sizes), input, model and optimizer, check
 resume, the update step, the loop (logging, checkpoints, evaluations), final evaluation.
 """
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -124,16 +127,102 @@ def jit_train_step(train_step, mesh):
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
+@jax.jit
 def _all_finite(tree):
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def compile_step(jitted_step, state, batch_shape, image_dtype, mesh):
+  """Compiles ahead of time, so that the compile time is measured on its own."""
+  data = parallel.batch_sharding(mesh)
+  batch = {"image": jax.ShapeDtypeStruct(batch_shape, image_dtype, sharding=data),
+           "label": jax.ShapeDtypeStruct(batch_shape[:1], jnp.int32, sharding=data)}
+  start = time.time()
+  compiled = jitted_step.lower(state, batch).compile()
+  return compiled, time.time() - start
+
+
+def enable_compilation_cache(directory: str):
+  """JAX's persistent compilation cache: a resumed run reuses the compiled steps."""
+  if not directory:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class StopRequest:
+  """SIGTERM/SIGINT ask the loop to checkpoint at the next step boundary and exit cleanly."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self, step):
+    if jax.process_count() > 1:
+      # All processes must stop at the same step: JAX's preemption sync point agrees on it.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return self.signal_name is not None or multihost_utils.reached_preemption_sync_point(step)
+    return self.signal_name is not None
+
+
+def _truncate_metrics(workdir, step):
+  """On resume, drops metric lines logged after the checkpoint: they will be logged again."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def _closing(progress):
+  """Closes the progress bar before an error is printed, so the error starts its own line."""
+  try:
+    yield
+  finally:
+    progress.close()
+
+
+def _prepare_workdir(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir {workdir!r} is not a writable directory ({e.strerror}); "
+                    "choose a directory you can write to") from e
 
 
 # --- the whole run --------------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains config.method, evaluates it, writes DIR/report.*; resumes from DIR's checkpoints."""
+  """Trains config.method, evaluates it, writes DIR/report.*; resumes from DIR's checkpoints.
+
+  Returns the report, or {"stopped_at": step} when SIGTERM/SIGINT stopped the run.
+  """
   config_checks.validate(config)
   is_writer = jax.process_index() == 0
+  enable_compilation_cache(config.compilation_cache_dir)
 
   # Setup: the mesh and the batch sizes.
   mesh = parallel.make_mesh()
@@ -148,106 +237,143 @@ def train_and_evaluate(config, workdir: str) -> dict:
   network, schedule, tx, per_epoch, total_steps = build(config, dataset)
   pretrain_steps = config.train.pretrain_epochs * per_epoch
 
-  # Model, optimizer and state, replicated over the mesh.
+  # Model and optimizer state: shapes from eval_shape, arrays made on the devices.
   replicated = parallel.replicated(mesh)
-  init = lambda: create_train_state(network, tx, dataset.image_shape, config.seed)
-  abstract_state = jax.eval_shape(init)
+  abstract_state = jax.eval_shape(
+      lambda: create_train_state(network, tx, dataset.image_shape, config.seed))
   abstract_state = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
 
   # Checkpoint and resume.
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"--workdir {workdir!r} cannot be created ({e.strerror}); "
-                    "choose a writable directory") from e
+  _prepare_workdir(workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-  config_json = config.to_json_best_effort(sort_keys=True)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(abstract_state)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(checkpointer.close)  # waits for saves in flight, also on an error
+    config_dict = json.loads(config.to_json_best_effort())
+    state, meta = checkpointer.restore_latest_good(abstract_state)
+    if state is not None:
+      differ = checkpointing.config_mismatches(meta["config"], config_dict)
+      if differ:
+        raise UserError(
+            f"the config differs from the one {workdir} was trained with in " + "; ".join(
+                f"config.{f}: checkpoint {a!r}, now {b!r}" for f, a, b in differ[:4])
+            + "; use the same values to resume, or another --workdir for a new run")
+      if is_writer:
+        print(f"clead_jax: resuming from step {int(state.step)} in {checkpointer.directory}",
+              flush=True)
+        _truncate_metrics(workdir, int(state.step))
+    else:
+      state = init_state(network, tx, dataset.image_shape, config.seed, mesh)
+      if config.train.init_from:
+        params, batch_stats = checkpointing.restore_params(config.train.init_from,
+                                                           abstract_state.params)
+        state = state.replace(params=jax.device_put(params, replicated),
+                              batch_stats=jax.device_put(batch_stats, replicated),
+                              opt_state=jax.jit(tx.init, out_shardings=replicated)(params))
     if is_writer:
-      print(f"clead_jax: resuming from step {int(state.step)} in {checkpointer.directory}",
-            flush=True)
-  else:
-    state = init_state(network, tx, dataset.image_shape, config.seed, mesh)
-    if config.train.init_from:
-      params, batch_stats = checkpointing.restore_params(
-          config.train.init_from, abstract_state.params, abstract_state.batch_stats)
-      state = state.replace(params=jax.device_put(params, replicated),
-                            batch_stats=jax.device_put(batch_stats, replicated),
-                            opt_state=jax.jit(tx.init, out_shardings=replicated)(params))
-  if is_writer:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_json + "\n")
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(sort_keys=True, indent=2) + "\n")
+    shapes = checkpointing.param_shapes(abstract_state.params)
 
-  # The update steps: clean pretraining, then the method.
-  steps = {}
-  for name in {"standard" if pretrain_steps else config.method, config.method}:
-    ctx = objectives.Context(network, config)
-    steps[name] = jit_train_step(make_train_step(ctx, objectives.METHODS[name], tx, schedule), mesh)
+    def save(step, best_metrics=None):
+      meta = {"config": config_dict, "param_shapes": shapes,
+              "data": {"seed": config.seed, "next_step": step, "epoch": step // per_epoch,
+                       "batch_in_epoch": step % per_epoch}}
+      checkpointer.save(step, state, meta, metrics=best_metrics, best=best_metrics is not None)
 
-  evaluator = evaluation.Evaluator(network, mesh, config.attack.norm, config.eval.batch_size,
-                                   config.seed)
-  writer = metric_logging.MetricWriter(workdir, enabled=is_writer)
-  start_step = int(state.step)
-  batches = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed,
-                                         start_step, parallel.batch_sharding(mesh))
-  eval_steps = config.train.eval_every * per_epoch
+    # The update steps, compiled ahead of time: clean pretraining, then the method.
+    steps, compile_s = {}, {}
+    batch_shape = (config.train.batch_size,) + tuple(dataset.image_shape)
+    for name in sorted({"standard" if pretrain_steps else config.method, config.method}):
+      ctx = objectives.Context(network, config)
+      jitted = jit_train_step(make_train_step(ctx, objectives.METHODS[name], tx, schedule), mesh)
+      steps[name], compile_s[name] = compile_step(jitted, state, batch_shape,
+                                                  dataset.train_images.dtype, mesh)
+    if is_writer:
+      print("clead_jax: compiled train step in " + ", ".join(
+          f"{k}: {v:.1f} s" for k, v in compile_s.items()), flush=True)
 
-  # The loop.
-  train_start = time.time()
-  log_start, log_step, pending = time.time(), start_step, []
-  progress = tqdm(total=total_steps, initial=start_step, disable=not is_writer, desc="train",
-                  dynamic_ncols=True)
-  for step in range(start_step, total_steps):
-    method = "standard" if step < pretrain_steps else config.method
-    state, metrics = steps[method](state, next(batches))
-    pending.append(metrics)
-    done = step + 1
-    if done % config.train.log_every == 0 or done == total_steps:
-      # Keys differ across the switch from clean pretraining to the method.
-      keys = sorted({k for m in pending for k in m})
-      means = {k: float(np.mean([float(m[k]) for m in pending if k in m])) for k in keys}
-      if not np.isfinite(means["loss"]):
-        raise UserError(f"non-finite loss at step {done}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in means.items()) + f"; the last good checkpoint "
-            f"(step {checkpointer.latest_step()}) is kept; lower config.train.learning_rate")
-      elapsed = time.time() - log_start
-      means["images_per_s"] = (done - log_step) * config.train.batch_size / max(elapsed, 1e-9)
-      means["epoch"] = done / per_epoch
-      writer.write(done, means)
-      progress.set_postfix({k: f"{means[k]:.3f}" for k in
-                            ("loss", "clean_accuracy", "adv_accuracy") if k in means})
-      log_start, log_step, pending = time.time(), done, []
-    if done % config.train.checkpoint_every == 0 or done == total_steps:
-      if not _all_finite(state.params):
-        raise UserError(f"non-finite parameters at step {done}; the last good checkpoint (step "
-                        f"{checkpointer.latest_step()}) is kept; lower config.train.learning_rate")
-      checkpointer.save(done, state, config_json)
-    if eval_steps and done % eval_steps == 0 and done != total_steps:
-      n = config.eval.during_train_examples
-      partial = evaluation.evaluate(
-          evaluator, {"params": state.params, "batch_stats": state.batch_stats},
-          dataset.test_images[:n], dataset.test_labels[:n], epsilon=config.attack.epsilon,
-          attack_names=["pgd20"])
-      writer.write(done, {"eval/clean_accuracy": partial["clean_accuracy"],
-                          "eval/pgd20_accuracy": partial["robust_accuracy"]["pgd20"]})
-    progress.update(1)
-  progress.close()
-  checkpointer.wait()
-  train_time = time.time() - train_start
+    evaluator = evaluation.Evaluator(network, mesh, config.attack.norm, config.eval.batch_size,
+                                     config.seed)
+    writer = metric_logging.MetricWriter(workdir, enabled=is_writer)
+    cleanup.callback(writer.close)
+    start_step = int(state.step)
+    batches = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed,
+                                           start_step, parallel.batch_sharding(mesh))
+    eval_steps = config.train.eval_every * per_epoch
 
-  # Final evaluation and the report.
-  result = final_evaluation(config, evaluator, state, dataset, progress=is_writer)
-  report = {"method": config.method, "dataset": config.data.name, "model": config.model.name,
-            "norm": config.attack.norm, "epsilon": float(config.attack.epsilon),
-            **result, "steps": int(state.step), "train_time_s": train_time}
-  if is_writer:
-    report_lib.write_report(workdir, report)
-    print(report_lib.to_markdown(report), flush=True)
-  writer.close()
-  checkpointer.close()
-  return report
+    # The loop. Metrics stay on the device until a log or checkpoint step needs them.
+    train_start = time.time()
+    log_start, log_step, pending = time.time(), start_step, []
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_writer, desc="train",
+                    dynamic_ncols=True)
+    with StopRequest() as stop, _closing(progress):
+      for step in range(start_step, total_steps):
+        method = "standard" if step < pretrain_steps else config.method
+        state, metrics = steps[method](state, next(batches))
+        pending.append(metrics)
+        done = step + 1
+        stopping = stop.requested(done)
+        is_log = done % config.train.log_every == 0 or done == total_steps
+        is_checkpoint = done % config.train.checkpoint_every == 0 or done == total_steps or stopping
+        if is_log or is_checkpoint:
+          pending = [jax.device_get(m) for m in pending]
+          for offset, m in enumerate(pending):
+            if not np.isfinite(m["loss"]):
+              raise UserError(
+                  f"non-finite loss at step {done - len(pending) + offset + 1}: " + ", ".join(
+                      f"{k}={float(v):.4g}" for k, v in sorted(m.items()))
+                  + f"; stopped, the last good checkpoint (step {checkpointer.latest_step()}) is "
+                  "kept; lower config.train.learning_rate or check the data")
+        if is_log:
+          keys = sorted({k for m in pending for k in m})  # keys change when pretraining ends
+          means = {k: float(np.mean([m[k] for m in pending if k in m])) for k in keys}
+          means["images_per_s"] = ((done - log_step) * config.train.batch_size
+                                   / max(time.time() - log_start, 1e-9))
+          means["epoch"] = done / per_epoch
+          writer.write(done, means)
+          progress.set_postfix({k: f"{means[k]:.3f}" for k in
+                                ("loss", "clean_accuracy", "adv_accuracy") if k in means})
+          log_start, log_step, pending = time.time(), done, []
+        if is_checkpoint:
+          if not _all_finite(state.params):
+            raise UserError(f"non-finite parameters after step {done}; stopped, the last good "
+                            f"checkpoint (step {checkpointer.latest_step()}) is kept; lower "
+                            "config.train.learning_rate")
+          save(done)
+        progress.update(1)
+        if stopping:
+          checkpointer.wait()
+          progress.close()
+          if is_writer:
+            print(f"clead_jax: stopped by {stop.signal_name or 'preemption'} at step {done}; "
+                  f"checkpoint saved in {checkpointer.directory}/{done}; run the same command to "
+                  "resume", flush=True)
+          return {"stopped_at": done}
+        if eval_steps and done % eval_steps == 0 and done != total_steps:
+          n = config.eval.during_train_examples
+          partial = evaluation.evaluate(
+              evaluator, {"params": state.params, "batch_stats": state.batch_stats},
+              dataset.test_images[:n], dataset.test_labels[:n], epsilon=config.attack.epsilon,
+              attack_names=["pgd20"])
+          during = {"clean_accuracy": partial["clean_accuracy"],
+                    "pgd20_accuracy": partial["robust_accuracy"]["pgd20"]}
+          writer.write(done, {f"eval/{k}": v for k, v in during.items()})
+          save(done, best_metrics=during)
+    progress.close()
+    checkpointer.wait()
+    train_time = time.time() - train_start
+
+    # Final evaluation and the report.
+    result = final_evaluation(config, evaluator, state, dataset, progress=is_writer)
+    report = {"method": config.method, "dataset": config.data.name, "model": config.model.name,
+              "norm": config.attack.norm, "epsilon": float(config.attack.epsilon),
+              **result, "steps": int(state.step), "train_time_s": train_time,
+              "compile_time_s": compile_s}
+    if is_writer:
+      report_lib.write_report(workdir, report)
+      print(report_lib.to_markdown(report), flush=True)
+    return report
 
 
 def final_evaluation(config, evaluator, state, dataset, progress=False):
