@@ -65,6 +65,7 @@ class Checkpointer:
     self.manager = self._manager(self.directory, ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True))
     self._best = None
+    self._saving = None  # the step of the last save started
 
   @staticmethod
   def _manager(directory, options):
@@ -83,18 +84,22 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def _failed(self, step, error):
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    cause = lines[-1] if lines else type(error).__name__
+    if "No space left" in str(error):
+      cause = "no space left on device"
     steps = [s for s in self.all_steps() if s != step]
     return UserError(
-        f"saving checkpoint {step} into {self.directory} failed ({type(error).__name__}: "
-        f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); free disk space or "
-        f"choose another --workdir, then rerun to resume from step "
-        f"{steps[-1] if steps else 'none'} (earlier checkpoints {steps} are intact)")
+        f"saving checkpoint {step} into {self.directory} failed ({cause[:160]}); free disk space "
+        f"or choose another --workdir, then rerun to resume from step "
+        f"{steps[-1] if steps else 0} (earlier checkpoints {steps} are intact)")
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None, best=False):
     manager = self._best_manager() if best else self.manager
     try:
       manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+      self._saving = step
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(step, e) from e
 
@@ -105,7 +110,7 @@ class Checkpointer:
       try:
         manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except
-        raise self._failed(manager.latest_step(), e) from e
+        raise self._failed(self._saving, e) from e
 
   def read_meta(self, step, best=False):
     manager = self._best_manager() if best else self.manager
@@ -155,7 +160,11 @@ class Checkpointer:
     """Waits for the saves in flight, then releases the managers."""
     for manager in (self.manager, self._best):
       if manager is not None:
-        manager.close()
+        try:
+          manager.close()
+        except Exception as e:  # pylint: disable=broad-except
+          # Already reported by save() or wait(); the run is stopping either way.
+          logging.warning("closing the checkpoint manager: %s", e)
 
 
 def param_shapes(params):

@@ -239,3 +239,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
         state=ocp.args.StandardRestore()))["state"]
     manager.close()
     assert all(np.all(np.isfinite(x)) for x in jax_leaves(state["params"]))
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+  """A 4 MiB tmpfs: a real file system that really fills up."""
+  mount_point = tmp_path / "small_disk"
+  mount_point.mkdir()
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+  if result.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); needs root")
+  yield mount_point
+  subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_earlier_checkpoints(small_disk):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from clead_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from clead_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  state = {"params": {"w": jnp.arange(50_000, dtype=jnp.float32)}}  # 200 kB
+  checkpointer = checkpointing.Checkpointer(str(small_disk), keep=3)
+  checkpointer.save(1, state, {"config": {}})
+  checkpointer.wait()
+  with open(small_disk / "filler", "wb") as f:  # leave less room than one checkpoint
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    f.write(b"\0" * max(free - 50_000, 0))
+  with pytest.raises(UserError) as error:
+    checkpointer.save(2, jax.tree.map(lambda x: x + 1, state), {"config": {}})
+    checkpointer.wait()
+  message = str(error.value)
+  assert "\n" not in message and "saving checkpoint 2" in message and "free disk space" in message
+  assert "[1]" in message
+  os.remove(small_disk / "filler")
+  fresh = checkpointing.Checkpointer(str(small_disk), keep=3)
+  assert fresh.latest_step() == 1
+  restored, _ = fresh.restore(jax.eval_shape(lambda: state))
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
