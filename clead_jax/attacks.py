@@ -159,3 +159,20 @@ EVAL_ATTACKS = {
     "pgd100": _strong_pgd(100, 10),  # 100 steps of epsilon/10
     "cw": _strong_pgd(100, 10, margin_objective),  # CW-Linf: PGD-100 on the margin loss
 }
+
+
+def _autoattack(version):
+  """An AutoAttack version (clead_jax/autoattack) as one jitted attack: every stage runs on the
+  whole batch. evaluation.evaluate runs it stage by stage on the points still robust instead, and
+  reports each stage."""
+  def attack(apply_fn, variables, x, y, key, *, epsilon, norm):
+    # Imported here: clead_jax.autoattack builds on this module.
+    from clead_jax.autoattack import autoattack  # pylint: disable=g-import-not-at-top
+    return autoattack.autoattack(apply_fn, variables, x, y, key, epsilon=epsilon, norm=norm,
+                                 version=version)
+  return attack
+
+
+# AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020). The versions plus and
+# rand are evaluation names only (evaluation.parse_attack_names), run by the Runner.
+EVAL_ATTACKS["autoattack"] = _autoattack("standard")

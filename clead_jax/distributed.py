@@ -3,8 +3,8 @@
 Where the settings come from, first match wins:
   1. explicit arguments (main.py's --coordinator_address, --num_processes, --process_id);
   2. the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
-  3. JAX's own cluster detection (Cloud TPU, SLURM under srun, Open MPI, GKE TPU), which fills
-     in whatever 1 and 2 left unset.
+  3. JAX's own cluster detection (Cloud TPU VMs and GKE TPU pods, SLURM under srun, Open MPI,
+     Kubernetes Indexed Jobs), which fills in whatever 1 and 2 left unset.
 With none of these, the run is single-process and nothing is initialised.
 
 Must run before any JAX computation. On CPU, collectives across processes go through gloo.
@@ -32,8 +32,12 @@ def _env_int(name: str) -> Optional[int]:
 
 def resolve(coordinator_address=None, num_processes=None, process_id=None):
   """(coordinator_address, num_processes, process_id): arguments, else environment, else None."""
+  if not os.environ.get("JAX_COORDINATOR_ADDRESS", "x").strip():
+    del os.environ["JAX_COORDINATOR_ADDRESS"]  # set but empty: unset (JAX reads it too)
   if not coordinator_address:
     coordinator_address = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
+  if coordinator_address and not coordinator_address.rpartition(":")[2].isdigit():
+    raise UserError(f"coordinator address {coordinator_address!r} is not HOST:PORT")
   if num_processes is None:
     num_processes = _env_int("JAX_NUM_PROCESSES")
   if process_id is None:
@@ -55,7 +59,8 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if jax.distributed.is_initialized():
     return True
-  if num_processes == 1:
+  if num_processes == 1 or (num_processes is None and os.environ.get("SLURM_NTASKS") == "1"):
+    # One process. (Under `srun -n 1`, JAX's SLURM detection would also hide all GPUs but one.)
     return False
   explicit = (coordinator_address, num_processes, process_id)
   try:
@@ -64,8 +69,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
   except ValueError as e:
     if all(v is None for v in explicit):
       return False  # no cluster detected, nothing given: a single-process run
-    missing = [flag for flag, v in zip(("--coordinator_address", "--num_processes",
-                                        "--process_id"), explicit) if v is None]
-    raise UserError(f"multi-process run: {e} Set {', '.join(missing)} (or "
-                    f"{', '.join(ENV_VARS)}) on every process") from None
+    missing = [f"--{env_var[4:].lower()} (or {env_var})"
+               for env_var, value in zip(ENV_VARS, explicit) if value is None]
+    raise UserError(f"multi-process run: {e} Set {', '.join(missing)} on every process") from None
   return True

@@ -6,6 +6,7 @@ Each example's random start comes from (seed, its index in the split), so result
 on the evaluation batch size or the device count.
 """
 
+import functools
 import time
 
 import jax
@@ -16,15 +17,17 @@ from tqdm import tqdm
 from clead_jax import attacks
 from clead_jax import input_pipeline
 from clead_jax import parallel
+from clead_jax.autoattack import autoattack as autoattack_lib
+from clead_jax.autoattack import checks
 from clead_jax.errors import UserError
 
 
 def parse_attack_names(names: str, field: str = "config.eval.attacks"):
   parsed = [n.strip() for n in names.split(",") if n.strip()]
-  unknown = [n for n in parsed if n not in attacks.EVAL_ATTACKS]
+  known = set(attacks.EVAL_ATTACKS) | set(autoattack_lib.ATTACK_NAMES)  # + autoattack versions
+  unknown = [n for n in parsed if n not in known]
   if unknown:
-    raise UserError(f"{field}: unknown attack(s) {unknown}; choose from "
-                    f"{sorted(attacks.EVAL_ATTACKS)}")
+    raise UserError(f"{field}: unknown attack(s) {unknown}; choose from {sorted(known)}")
   return parsed
 
 
@@ -84,6 +87,26 @@ class Evaluator:
       correct += int(jnp.sum(ok & batch["valid"]))
     return correct / n
 
+  # AutoAttack (clead_jax/autoattack): stage by stage, on the points still robust.
+  def autoattack(self, variables, images, labels, epsilon, name="autoattack", progress=False):
+    """autoattack.Result (per-example flags after each stage) of an AutoAttack version by name."""
+    if ("autoattack", name) not in self._compiled:
+      self._compiled["autoattack", name] = autoattack_lib.Runner(
+          self._apply, self.mesh, self.norm, self.batch_size, self.seed, name)
+    return self._compiled["autoattack", name].run(variables, images, labels, epsilon, progress)
+
+  def input_gradient_flags(self, variables, images, labels):
+    """(zero, non_finite) per example: the clean input gradient of the cross-entropy."""
+    if "input_gradient" not in self._compiled:
+      data = parallel.batch_sharding(self.mesh)
+      self._compiled["input_gradient"] = jax.jit(
+          checks.input_gradient_fn(self._apply),
+          in_shardings=(parallel.replicated(self.mesh), data, data, data), out_shardings=data)
+    flags = autoattack_lib.map_examples(
+        self.mesh, self.batch_size, functools.partial(self._compiled["input_gradient"], variables),
+        images, labels, np.arange(len(labels)))
+    return flags[:, 0], flags[:, 1]
+
 
 def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, curve_points=0,
              curve_attack="pgd20", progress=False):
@@ -91,9 +114,15 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
   start = time.time()
   result = {"num_examples": int(len(labels)),
             "clean_accuracy": evaluator.accuracy(variables, images, labels, "clean", 0.0)}
-  result["robust_accuracy"] = {
-      name: evaluator.accuracy(variables, images, labels, name, epsilon, progress)
-      for name in attack_names}
+  result["robust_accuracy"], autoattack_results = {}, []
+  for name in attack_names:
+    if name in autoattack_lib.ATTACK_NAMES:  # one key per stage, and flags for the checks
+      autoattack_results.append(
+          evaluator.autoattack(variables, images, labels, epsilon, name, progress))
+      result["robust_accuracy"].update(autoattack_results[-1].accuracies())
+    else:
+      result["robust_accuracy"][name] = evaluator.accuracy(variables, images, labels, name,
+                                                           epsilon, progress)
   if curve_points:
     epsilons = np.linspace(0.0, 2.0 * epsilon, curve_points)
     result["robustness_curve"] = {
@@ -103,5 +132,10 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
                      for e in tqdm(epsilons, desc="robustness curve", disable=not progress,
                                    leave=False)],
     }
+  result["warnings"] = (
+      checks.black_box_warnings(autoattack_results)
+      + checks.monotonicity_warnings(result["robust_accuracy"], result.get("robustness_curve"),
+                                     len(labels))
+      + checks.gradient_warnings(*evaluator.input_gradient_flags(variables, images, labels)))
   result["eval_time_s"] = time.time() - start
   return result

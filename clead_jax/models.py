@@ -3,13 +3,21 @@
 Every backbone normalises its input first, so attacks work in [0, 1] pixel space and epsilon
 means what the config says. `Network` adds the projection head whose L2-normalised output feeds
 the contrastive loss.
+
+Convolutions are NHWC with HWIO kernels, and `Conv` writes their input gradient itself as another
+NHWC/HWIO convolution. XLA:CPU runs a convolution fast (Eigen or YNNPACK) only in that canonical
+form, and its canonicalisation pass rewrites top-level convolutions only: inside a loop (the PGD
+fori_loop) the input gradient autodiff makes (kernel as HWOI) ran as a naive loop nest, 5-10x
+slower than the same step unrolled. See BENCHMARKS.md.
 """
 
 import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from clead_jax.errors import UserError
 
@@ -18,6 +26,106 @@ ModuleDef = Any
 
 def _normalise(x, mean, std):
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+
+
+# --- convolution --------------------------------------------------------------------------------
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, kernel, strides, padding, lhs_dilation=None):
+  return lax.conv_general_dilated(x, kernel, strides, padding, lhs_dilation=lhs_dilation,
+                                  dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, strides, padding):
+  """NHWC x HWIO convolution; `padding` is ((top, bottom), (left, right)). Same values and
+  gradients as lax.conv_general_dilated; only the form of the input gradient differs."""
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _chunk_size(batch, bytes_per_example, budget=8 << 20):
+  """The largest divisor of `batch` whose examples' patches fit in `budget` bytes (at least 1)."""
+  fitting = [d for d in range(1, batch + 1) if batch % d == 0 and d * bytes_per_example <= budget]
+  return max(fitting, default=1)
+
+
+def _kernel_grad(x, dy, kernel_shape, strides, padding):
+  """sum over examples and positions of patch (x) outer dy: im2col matmuls over chunks of
+  examples, so that each chunk's patches stay in cache. XLA:CPU's own form of this convolution
+  (a window the size of the image over transposed activations) ran at ~2 GFLOP/s."""
+  kh, kw, cin, cout = kernel_shape
+  batch, out_h, out_w, _ = dy.shape
+  (top, bottom), (left, right) = padding
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+  chunk = _chunk_size(batch, out_h * out_w * kh * kw * cin * x.dtype.itemsize)
+  xs = xp.reshape((batch // chunk, chunk) + xp.shape[1:])
+  dys = dy.reshape(batch // chunk, chunk * out_h * out_w, cout)
+
+  def add_chunk(total, chunk_arrays):
+    x_chunk, dy_chunk = chunk_arrays
+    taps = [lax.slice(x_chunk, (0, i, j, 0),
+                      (chunk, i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1,
+                       cin), (1, strides[0], strides[1], 1))
+            for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(taps, axis=-1).reshape(chunk * out_h * out_w, kh * kw * cin)
+    return total + lax.dot_general(dy_chunk, patches, (((0,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32), None
+
+  total, _ = lax.scan(add_chunk, jnp.zeros((cout, kh * kw * cin), jnp.float32), (xs, dys))
+  return total.T.reshape(kernel_shape)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  # The input gradient: dy, dilated by the strides, convolved with the flipped kernel whose in and
+  # out channels are swapped (still HWIO), with the padding of JAX's own transpose rule.
+  pads = []
+  for size, out, k, stride, (low, _) in zip(x.shape[1:3], dy.shape[1:3], kernel.shape[:2],
+                                            strides, padding):
+    before = k - low - 1
+    pads.append((before, size + k - 1 - ((out - 1) * stride + 1) - before))
+  kernel_t = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = _conv(dy, kernel_t, (1, 1), pads, lhs_dilation=strides)
+  dkernel = _kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
+  return dx, dkernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+  """A 2-D convolution with nn.Conv's parameters ('kernel' HWIO, 'bias'), names and init, built
+  on conv2d. padding: 'SAME', 'VALID' or an int for every side."""
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: Any = "SAME"
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel_size, strides = tuple(self.kernel_size), tuple(self.strides)
+    kernel = self.param("kernel", self.kernel_init, kernel_size + (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) \
+        if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if isinstance(self.padding, str):
+      padding = lax.padtype_to_pads(x.shape[1:3], kernel_size, strides, self.padding)
+    else:
+      padding = ((self.padding, self.padding),) * 2
+    y = conv2d(x, kernel, strides, tuple(tuple(int(p) for p in pad) for pad in padding))
+    return y if bias is None else y + bias
 
 
 class SmallCNN(nn.Module):
@@ -33,9 +141,9 @@ class SmallCNN(nn.Module):
     x = _normalise(x, self.mean, self.std).astype(self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              dtype=self.dtype, param_dtype=jnp.float32)
-    x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+    x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
     x = nn.relu(norm()(x))
-    x = nn.Conv(2 * self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+    x = Conv(2 * self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
     x = nn.relu(norm()(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
@@ -53,7 +161,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
     y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=1)(x)
     y = nn.relu(self.norm()(y))
     y = conv(self.filters, (3, 3), padding=1)(y)
@@ -72,7 +180,7 @@ class PreActBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
     out = nn.relu(self.norm()(x))
     needs_projection = x.shape[-1] != self.filters or self.strides != 1
     shortcut = x
@@ -99,7 +207,7 @@ class ResNet(nn.Module):
     x = _normalise(x, self.mean, self.std).astype(self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
-    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
+    x = Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
     if not self.preact:
       x = nn.relu(norm()(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -128,7 +236,7 @@ class WideResNet(nn.Module):
     x = _normalise(x, self.mean, self.std).astype(self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32)
-    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
+    x = Conv(16, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
     for stage, filters in enumerate((16 * self.widen, 32 * self.widen, 64 * self.widen)):
       for index in range(blocks_per_stage):
         strides = 2 if stage > 0 and index == 0 else 1

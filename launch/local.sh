@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Starts NUM_PROCESSES training processes on this machine, each with DEVICES_PER_PROCESS fake CPU
 # devices: a multi-host run in miniature, for testing the multi-process code paths (gloo
-# collectives, per-process input slices, Orbax checkpoints written by all processes).
+# collectives, per-process input slices, Orbax checkpoints written by every process).
 #
 #   launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS -- MAIN_ARGS...
 #   launch/local.sh 2 4 -- --config configs/digits.py --workdir runs/digits_2x4
 #
-# Process 0 prints the progress and writes the report; the others stay quiet. If one process
-# fails, the others are stopped and the script exits with that process's status.
+# Process 0 prints the progress and writes the report; the others stay quiet. If a process fails,
+# the others get SIGTERM (then SIGKILL after GRACE seconds) and the script exits with the failed
+# process's status. SIGINT/SIGTERM to the script are passed on: the run checkpoints and stops, and
+# the same command resumes it.
 #
 # Environment:
 #   DRY_RUN=1   print the commands, run nothing
 #   PYTHON      interpreter (default: python3)
 #   PORT        coordinator port on 127.0.0.1 (default: a free one)
+#   GRACE       seconds between SIGTERM and SIGKILL once a process has failed (default: 10)
 set -euo pipefail
 
 usage() {
@@ -30,19 +33,19 @@ if [[ $# -gt 0 && "$1" == "--" ]]; then
 fi
 
 python=${PYTHON:-python3}
+grace=${GRACE:-10}
 if [[ -n "${PORT:-}" ]]; then
   port=$PORT
-elif [[ "${DRY_RUN:-0}" == 1 ]]; then
-  port=12355
 else
   port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 
+xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices_per_process"
+main_args=$(printf ' %q' "$@")
 commands=()
 for ((i = 0; i < num_processes; i++)); do
-  commands+=("env JAX_PLATFORMS=cpu XLA_FLAGS='${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices_per_process' \
-$python -m clead_jax.main --coordinator_address=127.0.0.1:$port --num_processes=$num_processes \
---process_id=$i $(printf '%q ' "$@")")
+  commands+=("JAX_PLATFORMS=cpu XLA_FLAGS=$(printf '%q' "$xla_flags") $python -m clead_jax.main \
+--coordinator_address=127.0.0.1:$port --num_processes=$num_processes --process_id=$i$main_args")
 done
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
@@ -52,26 +55,45 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
 fi
 
 pids=()
+kill_at=""  # when set: the time after which the processes still running get SIGKILL
 stop_all() {
   for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+    [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
   done
+  kill_at=${kill_at:-$((SECONDS + grace))}
 }
-trap 'stop_all; exit 130' INT TERM
+trap 'stop_all' INT TERM
 
 for command in "${commands[@]}"; do
-  bash -c "exec $command" &
+  bash -c "exec env $command" &
   pids+=($!)
 done
 
 status=0
-for _ in "${pids[@]}"; do
-  code=0
-  wait -n || code=$?
-  if [[ $code -ne 0 && $status -eq 0 ]]; then
-    status=$code
-    echo "launch/local.sh: a process exited with status $code; stopping the others" >&2
-    stop_all
+while :; do
+  running=0
+  for i in "${!pids[@]}"; do
+    pid=${pids[$i]}
+    [[ -n "$pid" ]] || continue
+    if kill -0 "$pid" 2>/dev/null; then
+      running=1
+      continue
+    fi
+    code=0
+    wait "$pid" || code=$?
+    pids[$i]=""
+    if [[ $code -ne 0 && $status -eq 0 ]]; then
+      status=$code
+      echo "launch/local.sh: process $i exited with status $code; stopping the others" >&2
+      stop_all
+    fi
+  done
+  [[ $running -eq 1 ]] || break
+  if [[ -n "$kill_at" && $SECONDS -ge $kill_at ]]; then
+    for pid in "${pids[@]}"; do
+      [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true
+    done
   fi
+  sleep 1
 done
 exit "$status"

@@ -30,7 +30,8 @@ def test_bad_values_name_the_field(field, value, named):
 
 def test_shipped_configs_are_valid():
   import importlib  # pylint: disable=g-import-not-at-top
-  for name in ["digits", "cifar10", "cifar100", "svhn"]:
+  for name in ["digits", "cifar10", "cifar100", "svhn", "cifar10_pgd_at", "cifar10_trades",
+               "cifar10_wrn34", "cifar100_pgd_at", "cifar100_trades"]:
     config_checks.validate(importlib.import_module(f"configs.{name}").get_config())
 
 

@@ -5,6 +5,7 @@ run as `python -m tests.test_parallel OUT_DIR` does every 8-device check, saves 
 and the tests here compare it with the same training on one device.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -28,52 +29,73 @@ FAKE_DEVICES = 8
 TRAIN_STEPS = 20
 
 
-def _train(devices, num_steps=TRAIN_STEPS):
-  """num_steps of digits C-LEAD on a mesh over `devices`: (params, batch_stats, losses)."""
+def _max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _lockstep(num_steps=TRAIN_STEPS):
+  """num_steps of digits C-LEAD on one device; each step also runs on all devices from the same
+  state and batch. Returns per-step max |one - all| of the new state and the loss, and how far
+  the parameters moved."""
   config = digits_config(**{"train.epochs": 2, "attack.steps": 3})
   dataset = input_pipeline.load_dataset(config.data)
   network, schedule, tx, _, _ = train.build(config, dataset)
-  mesh = Mesh(np.asarray(devices), ("data",))
-  replicated = parallel.replicated(mesh)
-  state = jax.jit(lambda: train.create_train_state(network, tx, dataset.image_shape, config.seed),
-                  out_shardings=replicated)()
-  step_fn = train.make_train_step(objectives.Context(network, config),
-                                  objectives.METHODS["clead"], tx, schedule)
-  step_fn = train.jit_train_step(chex.assert_max_traces(step_fn, n=1), mesh)
-  batches = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed, 0,
-                                         parallel.batch_sharding(mesh))
-  step_losses = []
+  ctx = objectives.Context(network, config)
+  # One trace per mesh: no step retraces.
+  step_fn = chex.assert_max_traces(
+      train.make_train_step(ctx, objectives.METHODS["clead"], tx, schedule), n=2)
+  steps, batches = {}, {}
+  for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
+    mesh = Mesh(np.asarray(devices), ("data",))
+    steps[name] = (train.jit_train_step(step_fn, mesh), parallel.replicated(mesh))
+    batches[name] = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed, 0,
+                                                 parallel.batch_sharding(mesh))
+  state = jax.device_get(train.init_state(network, tx, dataset.image_shape, config.seed,
+                                          Mesh(np.asarray(jax.devices()[:1]), ("data",))))
+  initial_params = state.params
+  diffs = {"params": [], "batch_stats": [], "opt_state": [], "loss": []}
   for _ in range(num_steps):
-    state, metrics = step_fn(state, next(batches))
-    step_losses.append(float(metrics["loss"]))
-  to_numpy = lambda tree: jax.tree.map(np.asarray, tree)
-  return to_numpy(state.params), to_numpy(state.batch_stats), np.asarray(step_losses)
+    new = {}
+    for name, (step_fn, replicated) in steps.items():
+      new_state, metrics = step_fn(jax.device_put(state, replicated), next(batches[name]))
+      new[name] = jax.device_get((new_state, metrics["loss"]))
+    (one, one_loss), (every, every_loss) = new["one"], new["all"]
+    for field in ("params", "batch_stats", "opt_state"):
+      diffs[field].append(_max_abs_diff(getattr(one, field), getattr(every, field)))
+    diffs["loss"].append(abs(float(one_loss) - float(every_loss)))
+    state = one
+  return {"diffs": diffs, "moved": _max_abs_diff(state.params, initial_params)}
 
 
-def _info_nce_sharded_vs_single(positives):
-  """InfoNCE and its gradient with z sharded over all devices vs on one device."""
+def _info_nce_sharded_vs_single():
+  """InfoNCE and its gradient, every positives mode, with z sharded over all devices vs on one."""
   rng = np.random.default_rng(0)
   n = 8 * FAKE_DEVICES
   z_clean, z_adv = (rng.normal(size=(n, 16)).astype(np.float32) for _ in range(2))
   z_clean /= np.linalg.norm(z_clean, axis=-1, keepdims=True)
   z_adv /= np.linalg.norm(z_adv, axis=-1, keepdims=True)
   labels = rng.integers(0, 5, size=n).astype(np.int32)
-  value_and_grad = jax.value_and_grad(
-      lambda zc, za, y: losses.info_nce(zc, za, y, 0.1, positives), argnums=(0, 1))
-  mesh = parallel.make_mesh()
-  data = parallel.batch_sharding(mesh)
+
+  def values_and_grads(zc, za, y):
+    return {p: jax.value_and_grad(lambda c, a: losses.info_nce(c, a, y, 0.1, p), argnums=(0, 1))(
+        zc, za) for p in losses.POSITIVES}
+
+  data = parallel.batch_sharding(parallel.make_mesh())
   sharded_args = [jax.device_put(a, data) for a in (z_clean, z_adv, labels)]
   assert len(sharded_args[0].sharding.device_set) == FAKE_DEVICES
-  sharded = jax.jit(value_and_grad, in_shardings=(data, data, data))(*sharded_args)
-  one_device = jax.jit(value_and_grad)(*(jax.device_put(a, jax.devices()[0])
-                                         for a in (z_clean, z_adv, labels)))
+  sharded = jax.jit(values_and_grads, in_shardings=(data, data, data))(*sharded_args)
+  one_device = jax.jit(values_and_grads)(*(jax.device_put(a, jax.devices()[0])
+                                           for a in (z_clean, z_adv, labels)))
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(one_device)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-  # The sharded loss really sees cross-device negatives: dropping them changes it.
-  blocks = [slice(i * n // FAKE_DEVICES, (i + 1) * n // FAKE_DEVICES) for i in range(FAKE_DEVICES)]
-  per_device = np.mean([float(losses.info_nce(z_clean[b], z_adv[b], labels[b], 0.1, positives))
-                        for b in blocks])
-  assert abs(per_device - float(sharded[0])) > 1e-3
+  # The sharded loss really sees cross-device negatives: without them it differs.
+  blocks = lambda a: a.reshape((FAKE_DEVICES, -1) + a.shape[1:])  # device d's rows
+  per_device = jax.jit(jax.vmap(lambda zc, za, y: {
+      p: losses.info_nce(zc, za, y, 0.1, p) for p in losses.POSITIVES}))(
+          blocks(z_clean), blocks(z_adv), blocks(labels))
+  for p in losses.POSITIVES:
+    assert abs(float(np.mean(per_device[p])) - float(sharded[p][0])) > 1e-3, p
 
 
 def _interleave_needs_no_communication():
@@ -87,56 +109,52 @@ def _interleave_needs_no_communication():
 
 
 def _worker(out_dir):
-  """The 8-device checks; writes the trained state to OUT_DIR/sharded.npz."""
+  """The 8-device checks; writes the lockstep comparison to OUT_DIR/lockstep.json."""
   assert jax.device_count() == FAKE_DEVICES, jax.devices()
-  for positives in losses.POSITIVES:
-    _info_nce_sharded_vs_single(positives)
+  _info_nce_sharded_vs_single()
   _interleave_needs_no_communication()
   assert parallel.check_global_batch(128) == 16
   with pytest.raises(UserError, match="multiple of the 8 devices"):
     parallel.check_global_batch(100)
-  params, batch_stats, step_losses = _train(jax.devices())
-  flat = {f"params/{jax.tree_util.keystr(k)}": v
-          for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  flat.update({f"batch_stats/{jax.tree_util.keystr(k)}": v
-               for k, v in jax.tree_util.tree_leaves_with_path(batch_stats)})
-  np.savez(os.path.join(out_dir, "sharded.npz"), losses=step_losses, **flat)
+  with open(os.path.join(out_dir, "lockstep.json"), "w") as f:
+    json.dump(_lockstep(), f)
 
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
   """Runs _worker on 8 fake CPU devices; returns its saved arrays."""
   out_dir = str(tmp_path_factory.mktemp("eight_devices"))
+  # LLVM optimisation off: 5x faster compiles, same HLO; these programs run for milliseconds.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={FAKE_DEVICES}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={FAKE_DEVICES} "
+                       "--xla_backend_optimization_level=0")
   proc = subprocess.run([sys.executable, "-m", "tests.test_parallel", out_dir], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  with np.load(os.path.join(out_dir, "sharded.npz")) as saved:
-    return dict(saved)
+  with open(os.path.join(out_dir, "lockstep.json")) as f:
+    return json.load(f)
 
 
 def test_eight_device_checks_pass(eight_devices):
   """InfoNCE with cross-device negatives = one-device InfoNCE (value and gradient, every
   positives mode); interleaving needs no collective; a batch 8 does not divide is an error."""
-  assert "losses" in eight_devices
+  assert eight_devices
 
 
 def test_eight_devices_train_like_one(eight_devices):
-  params, batch_stats, step_losses = _train(jax.devices()[:1])
-  np.testing.assert_allclose(eight_devices["losses"], step_losses, rtol=1e-4, atol=1e-5)
-  flat = {f"params/{jax.tree_util.keystr(k)}": v
-          for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  flat.update({f"batch_stats/{jax.tree_util.keystr(k)}": v
-               for k, v in jax.tree_util.tree_leaves_with_path(batch_stats)})
-  assert set(flat) == set(eight_devices) - {"losses"}
-  worst = max(float(np.max(np.abs(flat[k] - eight_devices[k]))) for k in flat)
-  assert worst < 1e-4, f"max |params_1 - params_8| = {worst}"
-  # The comparison can fail: 20 steps move the parameters far more than the tolerance.
-  initial = _train(jax.devices()[:1], num_steps=0)[0]
-  moved = max(float(np.max(np.abs(a - b)))
-              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial)))
-  assert moved > 100 * 1e-4
+  """Each of 20 C-LEAD steps gives the same state on 8 devices as on one, to float32 round-off.
+
+  The steps run in lockstep from the one-device state: independent 20-step runs are no test of
+  sharding, since this training is chaotic (two one-device runs whose initial parameters differ
+  by 1e-7 end 1e-2 apart after 20 steps: PGD's sign, ReLU and max-pool kinks amplify round-off).
+  """
+  diffs = eight_devices["diffs"]
+  assert len(diffs["params"]) == TRAIN_STEPS
+  for field in ("params", "batch_stats", "opt_state"):
+    assert max(diffs[field]) < 1e-4, (field, diffs[field])
+  assert max(diffs["loss"]) < 1e-4, diffs["loss"]
+  # The comparison can fail: the 20 steps move the parameters far more than the tolerance.
+  assert eight_devices["moved"] > 100 * 1e-4
 
 
 class _FakeDevice:

@@ -170,14 +170,6 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
   return common.finish(x_adv, x, epsilon, norm), c["fooled"]
 
 
-def num_classes_of(apply_fn, variables, x, stochastic=False):
-  """The number of classes, from the logits' shape (nothing is computed)."""
-  def logits(v, x_in):
-    keys = jax.random.split(jax.random.key(0), x_in.shape[0])
-    return (apply_fn(v, x_in, keys) if stochastic else apply_fn(v, x_in))[0]
-  return jax.eval_shape(logits, variables, x[:1]).shape[-1]
-
-
 def num_runs(num_classes, *, targeted, n_restarts=1, n_target_classes=N_TARGET_CLASSES):
   """Runs of APGD: restarts, times the target classes (at most num_classes - 1) if targeted."""
   return n_restarts * (min(n_target_classes, num_classes - 1) if targeted else 1)
@@ -220,7 +212,7 @@ def apgd(apply_fn, variables, x, y, key, *, epsilon, norm="linf", loss="ce", tar
   For a stochastic model the restart loop judges success on one fixed sample per example.
   """
   common.check_norm(norm)
-  num_classes = num_classes_of(apply_fn, variables, x, stochastic)
+  num_classes = common.num_classes_of(apply_fn, variables, x, stochastic)
   check_classes(num_classes, loss, targeted)
   run = make_run(epsilon=epsilon, norm=norm, loss=loss, targeted=targeted, n_restarts=n_restarts,
                  n_iter=n_iter, rho=rho, eot_iter=eot_iter, stochastic=stochastic)

@@ -19,7 +19,7 @@ not depend on the batch an example is evaluated in.
 import dataclasses
 import functools
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,19 +85,25 @@ def stage_keys(example_keys, stage_index):
   return common.fold_in(example_keys, stage_index)
 
 
-def autoattack_flags(apply_fn, variables, x, y, key, *, epsilon, norm, version="standard",
-                     **settings):
-  """(x_adv, robust): robust[s, i] says example i is still robust after stage s.
+class Flags(NamedTuple):
+  """What autoattack_flags returns."""
+  x_adv: jax.Array  # per example, the first point that fooled it (else the last stage's point)
+  robust_after: jax.Array  # (num_stages, B): still robust after stages 0..s
+  robust_alone: jax.Array  # (num_stages, B): stage s alone did not fool the example
 
-  Jittable; every stage runs on the whole batch (see the module docstring). `settings` go to
-  stages(); a stochastic model is judged on one fixed sample per example.
+
+def autoattack_flags(apply_fn, variables, x, y, key, *, epsilon, norm, version="standard",
+                     **settings) -> Flags:
+  """AutoAttack with per-stage flags. Jittable; every stage runs on the whole batch (see the
+  module docstring), which also gives each stage's result on its own. `settings` go to stages();
+  a stochastic model is judged on one fixed sample per example.
   """
   stochastic = settings.get("stochastic", False)
-  num_classes = apgd.num_classes_of(apply_fn, variables, x, stochastic)
+  num_classes = common.num_classes_of(apply_fn, variables, x, stochastic)
   keys, check_keys = common.split_keys(common.per_example_keys(key, x.shape[0]), 2)
   predict_fn = common.predictor(apply_fn, variables, check_keys if stochastic else None)
   x_adv, robust = x, predict_fn(x) == y
-  robust_after = []
+  robust_after, robust_alone = [], []
   for index, stage in enumerate(stages(version, num_classes, epsilon=epsilon, norm=norm,
                                        **settings)):
     run = lambda x_in, y_in, run_keys, r, stage=stage: stage.run(apply_fn, variables, x_in, y_in,
@@ -107,14 +113,15 @@ def autoattack_flags(apply_fn, variables, x, y, key, *, epsilon, norm, version="
     x_adv = jnp.where(common.expand(robust, x), x_stage, x_adv)
     robust = robust & robust_stage
     robust_after.append(robust)
-  return common.finish(x_adv, x, epsilon, norm), jnp.stack(robust_after)
+    robust_alone.append(robust_stage)
+  return Flags(common.finish(x_adv, x, epsilon, norm), jnp.stack(robust_after),
+               jnp.stack(robust_alone))
 
 
 def autoattack(apply_fn, variables, x, y, key, *, epsilon, norm, version="standard", **settings):
   """AutoAttack as one attack: x_adv is the first point that fooled each example."""
-  x_adv, _ = autoattack_flags(apply_fn, variables, x, y, key, epsilon=epsilon, norm=norm,
-                              version=version, **settings)
-  return x_adv
+  return autoattack_flags(apply_fn, variables, x, y, key, epsilon=epsilon, norm=norm,
+                          version=version, **settings).x_adv
 
 
 # --- the Runner: stage by stage, on the points still robust, sharded ---------------------------
@@ -129,44 +136,44 @@ class Result:
   robust_after: np.ndarray  # (num_stages, n) bool: still robust after each stage
   time_s: float
 
-  @property
-  def robust(self):
-    return self.robust_after[-1] if len(self.stage_names) else self.clean
-
   def accuracies(self):
     """Report keys: the final robust accuracy and the accuracy after each stage."""
     n = len(self.clean)
-    result = {self.name: float(np.sum(self.robust)) / n}
+    result = {self.name: float(np.sum(self.robust_after[-1])) / n}
     for stage_name, robust in zip(self.stage_names, self.robust_after):
       result[f"{self.name}/{stage_name}"] = float(np.sum(robust)) / n
     return result
 
 
 def _bucket(count, batch_size, devices):
-  """Smallest batch of the form devices * 2^k holding `count`, at most batch_size: few shapes,
-  so few compilations, and little padding."""
-  size = devices
-  while size < count:
-    size *= 2
-  return min(size, batch_size)
+  """The padded size of a batch of `count` examples: a multiple of an eighth of batch_size (and
+  of the device count), so that few shapes, hence few compilations, occur."""
+  granule = -(-batch_size // (8 * devices)) * devices
+  return min(-(-count // granule) * granule, batch_size)
 
 
-def map_examples(mesh, batch_size, fn, images, labels, indices, *args, desc=None,
-                 progress=False):
+def _chunk_length(count, batch_size):
+  """Examples per batch when `count` examples are split evenly into batches of <= batch_size."""
+  return -(-count // max(1, -(-count // batch_size)))
+
+
+def map_examples(mesh, batch_size, fn, images, labels, indices, *args, size=None):
   """fn(images, labels, indices, *args) -> per-example array, over `indices` of a split.
 
-  `indices` are global example indices; batches of at most batch_size (a multiple of the device
-  count) are sharded over the mesh, the last one padded to a bucket size. Returns a numpy array
-  on every process.
+  `indices` are global example indices, split evenly into batches of at most batch_size (a
+  multiple of the device count), each padded to `size` (default: a bucket size) and sharded over
+  the mesh. Returns a numpy array on every process.
   """
+  if not len(indices):
+    return np.zeros((0,), bool)
   sharding = parallel.batch_sharding(mesh)
   devices = mesh.devices.size
   process_index, process_count = jax.process_index(), jax.process_count()
+  length = _chunk_length(len(indices), batch_size)
+  size = size or _bucket(length, batch_size, devices)
   outputs = []
-  starts = range(0, len(indices), batch_size)
-  for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-    chunk = indices[start:start + batch_size]
-    size = _bucket(len(chunk), batch_size, devices)
+  for start in range(0, len(indices), length):
+    chunk = indices[start:start + length]
     padded = np.concatenate([chunk, np.full(size - len(chunk), chunk[0], chunk.dtype)])
     host = input_pipeline.local_batch(images, labels, padded, process_index, process_count)
     host["indices"] = padded.reshape(process_count, -1)[process_index].astype(np.int32)
@@ -175,8 +182,6 @@ def map_examples(mesh, batch_size, fn, images, labels, indices, *args, desc=None
     if process_count > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
     outputs.append(np.asarray(out)[:len(chunk)])
-  if not outputs:
-    return np.zeros((0,), bool)
   return np.concatenate(outputs)
 
 
@@ -185,10 +190,13 @@ class Runner:
 
   Example i's key is fold_in(key(seed), i), as in evaluation.Evaluator, so the Runner and
   attacks.EVAL_ATTACKS['autoattack'] under the Evaluator give the same per-example results.
+  apply_fn(variables, x) -> (logits, embedding) must be deterministic.
   """
 
-  def __init__(self, apply_fn, mesh, norm, batch_size, seed, name="autoattack", **settings):
+  def __init__(self, apply_fn, mesh, norm, batch_size, seed, name="autoattack",
+               compiler_options=None, **settings):
     self.apply_fn = apply_fn
+    self.compiler_options = compiler_options
     self.mesh = mesh
     self.norm = norm
     self.seed = seed
@@ -202,7 +210,7 @@ class Runner:
   def _jit(self, fn):
     data = parallel.batch_sharding(self.mesh)
     return jax.jit(fn, in_shardings=(parallel.replicated(self.mesh), data, data, data, None, None),
-                   out_shardings=data)
+                   out_shardings=data, compiler_options=self.compiler_options)
 
   def _example_keys(self, indices):
     base = jax.random.key(self.seed)
@@ -217,11 +225,11 @@ class Runner:
       self._compiled["clean"] = self._jit(correct)
     return self._compiled["clean"]
 
-  def _stage_fn(self, index):
+  def _stage_fn(self, index, num_classes):
     """correct(variables, images, labels, indices, epsilon, run_index): run `run_index` of the
     stage, then whether the model still classifies the result correctly."""
-    if index not in self._compiled:
-      apply_fn, num_classes = self.apply_fn, self._num_classes
+    if (index, num_classes) not in self._compiled:
+      apply_fn = self.apply_fn
 
       def correct(variables, images, labels, indices, epsilon, run_index):
         x = input_pipeline.to_float(images)
@@ -235,17 +243,17 @@ class Runner:
         logits, _ = apply_fn(variables, x_adv)
         return jnp.argmax(logits, -1) == labels
 
-      self._compiled[index] = self._jit(correct)
-    return self._compiled[index]
+      self._compiled[index, num_classes] = self._jit(correct)
+    return self._compiled[index, num_classes]
 
   def run(self, variables, images, labels, epsilon, progress=False) -> Result:
     """Clean accuracy, then each stage's runs on the examples still robust."""
     start_time = time.time()
     n = len(labels)
     epsilon = jnp.float32(epsilon)
-    sample = input_pipeline.to_float(jnp.asarray(images[:1]))
-    self._num_classes = apgd.num_classes_of(self.apply_fn, variables, sample)
-    stage_list = stages(self.version, self._num_classes, epsilon=float(epsilon), norm=self.norm,
+    num_classes = common.num_classes_of(self.apply_fn, variables,
+                                      input_pipeline.to_float(jnp.asarray(images[:1])))
+    stage_list = stages(self.version, num_classes, epsilon=float(epsilon), norm=self.norm,
                         **self.settings)
     run_map = functools.partial(map_examples, self.mesh, self.batch_size)
     robust = run_map(functools.partial(self._clean_fn(), variables), images, labels,
@@ -253,14 +261,18 @@ class Runner:
     clean = robust.copy()
     robust_after = []
     for index, stage in enumerate(stage_list):
-      fn = functools.partial(self._stage_fn(index), variables)
+      fn = functools.partial(self._stage_fn(index, num_classes), variables)
       bar = tqdm(total=stage.num_runs, desc=f"{self.name}/{stage.name}", disable=not progress,
                  leave=False)
+      size = None  # batches keep their padded size while at least half of it is used
       for run_index in range(stage.num_runs):
         todo = np.flatnonzero(robust)
         if len(todo):
-          robust[todo] = run_map(fn, images, labels, todo, epsilon,
-                                 jnp.int32(run_index)).astype(bool)
+          length = _chunk_length(len(todo), self.batch_size)
+          if size is None or not size // 2 < length <= size:
+            size = _bucket(length, self.batch_size, self.mesh.devices.size)
+          robust[todo] = run_map(fn, images, labels, todo, epsilon, jnp.int32(run_index),
+                                 size=size).astype(bool)
         bar.update(1)
         bar.set_postfix(robust=f"{int(robust.sum())}/{n}")
       bar.close()

@@ -3,10 +3,14 @@ and the restart loop that keeps, per example, the first run that fools the model
 
 Every attack here has the signature of clead_jax.attacks:
   attack(apply_fn, variables, x, y, key, *, epsilon, norm, ...) -> x_adv
-with `key` one key per example (or one key, split per example). One *run* of an attack is
-  run(apply_fn, variables, x, y, key, run_index, *, epsilon, norm) -> x_adv
-where the run index (a traced integer) picks the restart and, for targeted attacks, the target.
+with `key` one key per example (or one key, split per example). One *run* of an attack, as
+each module's make_run(epsilon=..., norm=..., ...) builds it, is
+  run(apply_fn, variables, x, y, keys, run_index) -> x_adv
+where the run index (an integer, possibly traced) picks the restart and, for targeted attacks,
+the target class.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +56,24 @@ def dual_norm(v, norm):
   return jnp.sqrt(jnp.sum(jnp.square(flat), axis=-1))
 
 
+def uniform(keys, shape, minval=0.0, maxval=1.0, dtype=jnp.float32):
+  """Per-example uniform samples of `shape`: (B,) + shape. Drawn flat and reshaped, which XLA
+  compiles several times faster than a multi-dimensional draw under vmap."""
+  size = math.prod(shape)
+  flat = jax.vmap(lambda k: jax.random.uniform(k, (size,), dtype, minval, maxval))(keys)
+  return flat.reshape((keys.shape[0],) + tuple(shape))
+
+
+def normal(keys, shape, dtype=jnp.float32):
+  size = math.prod(shape)
+  flat = jax.vmap(lambda k: jax.random.normal(k, (size,), dtype))(keys)
+  return flat.reshape((keys.shape[0],) + tuple(shape))
+
+
 def unit_direction(keys, shape, norm, dtype=jnp.float32):
   """A random direction of norm one per example: uniform in [-1, 1] rescaled to L-inf norm 1,
   or Gaussian rescaled to L2 norm 1 (the starting points of APGD and FAB in fra31/auto-attack)."""
-  if norm == "linf":
-    t = jax.vmap(lambda k: jax.random.uniform(k, shape, dtype, -1.0, 1.0))(keys)
-  else:
-    t = jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
+  t = uniform(keys, shape, -1.0, 1.0, dtype) if norm == "linf" else normal(keys, shape, dtype)
   return t / expand(jnp.maximum(flat_norm(t, norm), 1e-12), t)
 
 
@@ -76,6 +91,14 @@ def predictor(apply_fn, variables, sample_keys=None):
                  else apply_fn(variables, x, sample_keys))
     return jnp.argmax(logits, axis=-1)
   return predict
+
+
+def num_classes_of(apply_fn, variables, x, stochastic=False):
+  """The number of classes, from the logits' shape (nothing is computed)."""
+  def logits(v, x_in):
+    keys = jax.random.split(jax.random.key(0), x_in.shape[0])
+    return (apply_fn(v, x_in, keys) if stochastic else apply_fn(v, x_in))[0]
+  return jax.eval_shape(logits, variables, x[:1]).shape[-1]
 
 
 def split_keys(keys, num):

@@ -80,8 +80,10 @@ def _boundary(apply_fn, variables, x1, y, target, norm):
     return f, grad
   logits, vjp = jax.vjp(lambda x_in: apply_fn(variables, x_in)[0], x1)
   num_classes = logits.shape[-1]
-  (jacobian,) = jax.vmap(vjp)(jnp.broadcast_to(jnp.eye(num_classes, dtype=logits.dtype)[:, None],
-                                                (num_classes,) + logits.shape))
+  # One backward pass per class, in sequence as in the reference: memory stays that of one pass.
+  jacobian = jax.lax.map(
+      lambda k: vjp(jnp.broadcast_to(jax.nn.one_hot(k, num_classes, dtype=logits.dtype),
+                                     logits.shape))[0], jnp.arange(num_classes))
   jacobian = jnp.moveaxis(jacobian, 0, 1)  # (B, K, ...)
   one_hot = jax.nn.one_hot(y, num_classes, dtype=bool)
   f = logits - jnp.take_along_axis(logits, y[:, None], -1)
@@ -107,9 +109,11 @@ def fab_run(apply_fn, variables, x, y, key, *, epsilon, norm, target=None, rando
   expand = lambda v: common.expand(v, x)
   keys = common.per_example_keys(key, batch)
   x_flat = x.reshape(batch, -1)
-  x_random = jnp.clip(
-      x + 0.5 * epsilon * common.unit_direction(keys, x.shape[1:], norm, x.dtype), 0.0, 1.0)
-  x_start = jnp.where(random_start, x_random, x)
+  x_start = x
+  if random_start is not False:  # a traced flag, or True
+    x_random = jnp.clip(
+        x + 0.5 * epsilon * common.unit_direction(keys, x.shape[1:], norm, x.dtype), 0.0, 1.0)
+    x_start = jnp.where(random_start, x_random, x)
   predict = common.predictor(apply_fn, variables)
 
   def body(_, carry):
@@ -152,7 +156,7 @@ def make_run(*, epsilon, norm, targeted=False, n_restarts=1, n_iter=N_ITER, alph
     logits, _ = apply_fn(variables, x)
     target = common.target_classes(logits, 2 + run_index // n_restarts) if targeted else None
     x_adv = fab_run(apply_fn, variables, x, y, keys, epsilon=epsilon, norm=norm, target=target,
-                    random_start=run_index % n_restarts > 0, n_iter=n_iter,
+                    random_start=n_restarts > 1 and run_index % n_restarts > 0, n_iter=n_iter,
                     alpha_max=alpha_max, eta=eta, beta=beta)
     # FAB only attacks points it classifies correctly (fab_base.attack_single_run).
     return jnp.where(common.expand(jnp.argmax(logits, -1) == y, x), x_adv, x)
@@ -164,7 +168,7 @@ def fab(apply_fn, variables, x, y, key, *, epsilon, norm="linf", targeted=False,
         n_target_classes=N_TARGET_CLASSES, n_iter=N_ITER, alpha_max=ALPHA_MAX, eta=ETA, beta=BETA):
   """FAB (targeted: FAB-T); an example keeps the first run (restart, target) that fools it."""
   common.check_norm(norm)
-  num_classes = jax.eval_shape(lambda v, x_in: apply_fn(v, x_in)[0], variables, x[:1]).shape[-1]
+  num_classes = common.num_classes_of(apply_fn, variables, x)
   run = make_run(epsilon=epsilon, norm=norm, targeted=targeted, n_restarts=n_restarts,
                  n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta)
   x_adv, _ = common.over_runs(

@@ -6,7 +6,7 @@ Defaults follow fra31/auto-attack (autoattack/square.py, SquareAttack, as AutoAt
 5,000 queries after the initial one, p_init 0.8, the margin loss, the unscaled schedule of p
 (resc_schedule=False): p_init halves after queries 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000;
 the square's side is round(sqrt(p h w)) (L2: at least 3 and odd).
-Images are NHWC. Unlike the reference, which draws one window and one sign per query for the
+Images are NHWC (other inputs are viewed as images). Unlike the reference, which draws one window and one sign per query for the
 whole batch, every example draws its own (from its own key), so an example's result does not
 depend on its batch; windows may also touch the last row and column.
 """
@@ -88,111 +88,127 @@ def _l2_init_tiles(height, width):
   return tile, value, value_t, (height // side) * tiles_per_row
 
 
-def _signs(key, shape):
-  return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0)
+def _as_images(x):
+  """NHWC images as they are; other inputs viewed as images: (B, H, W) with one channel, and
+  anything else flattened to one row of pixels, (B, 1, D, 1)."""
+  if x.ndim == 4:
+    return x
+  if x.ndim == 3:
+    return x[..., None]
+  return x.reshape(x.shape[0], 1, -1, 1)
 
 
-def _window_mask(top, left, side, height, width):
+def _signs(keys, shape):
+  """Per-example random signs of `shape`."""
+  return jnp.where(common.uniform(keys, shape) < 0.5, 1.0, -1.0)
+
+
+def _window(u_top, u_left, side, height, width):
+  """A side x side window at a uniform random corner (u_* uniform in [0, 1)); side may be
+  traced. Returns the (H, W, 1) mask and the corner."""
+  top = jnp.minimum(jnp.floor(u_top * (height - side + 1)).astype(jnp.int32), height - side)
+  left = jnp.minimum(jnp.floor(u_left * (width - side + 1)).astype(jnp.int32), width - side)
   rows = (jnp.arange(height) >= top) & (jnp.arange(height) < top + side)
   cols = (jnp.arange(width) >= left) & (jnp.arange(width) < left + side)
-  return (rows[:, None] & cols[None, :])[..., None]
+  return (rows[:, None] & cols[None, :])[..., None], top, left
 
 
-def _corner(key, side, height, width):
-  k_top, k_left = jax.random.split(key)
-  return (jax.random.randint(k_top, (), 0, height - side + 1),
-          jax.random.randint(k_left, (), 0, width - side + 1))
+def _linf_proposal(x, x_best, u, side, epsilon):
+  """One example: the window becomes x +- epsilon, one random sign per channel."""
+  height, width, channels = x.shape
+  mask, _, _ = _window(u[0], u[1], side, height, width)
+  signs = jnp.where(u[2:2 + channels] < 0.5, 1.0, -1.0)
+  x_new = jnp.where(mask, x_best + 2.0 * epsilon * signs, x_best)
+  return jnp.clip(jnp.clip(x_new, x - epsilon, x + epsilon), 0.0, 1.0)
+
+
+def _l2_proposal(x, x_best, u, side, eta, epsilon):
+  """One example: a new pattern on window 1 (plus its old direction), window 2 cleared, the
+  budget the two windows held (plus what was unused) spent on window 1, and the whole
+  perturbation rescaled to norm epsilon. `eta` is the side x side pattern, zero-padded."""
+  height, width, channels = x.shape
+  mask1, top, left = _window(u[0], u[1], side, height, width)
+  mask2, _, _ = _window(u[2], u[3], side, height, width)
+  signs = jnp.where(u[4:4 + channels] < 0.5, 1.0, -1.0)
+  eta = jnp.where(u[4 + channels] < 0.5, eta, eta.T)
+  rows = jnp.clip(jnp.arange(height) - top, 0, eta.shape[0] - 1)
+  cols = jnp.clip(jnp.arange(width) - left, 0, eta.shape[1] - 1)
+  pattern = eta[rows][:, cols][..., None] * signs  # eta placed on window 1
+  delta = x_best - x
+  window = jnp.where(mask1, delta, 0.0)
+  window_norms = jnp.sqrt(jnp.sum(jnp.square(window), axis=(0, 1)))
+  image_norm = jnp.sqrt(jnp.sum(jnp.square(delta)))
+  windows_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.where(mask1 | mask2, delta, 0.0))))
+  new = jnp.where(mask1, pattern + window / (1e-12 + window_norms), 0.0)
+  budget = jnp.sqrt(jnp.maximum(epsilon ** 2 - image_norm ** 2, 0.0) / channels
+                    + windows_norm ** 2)
+  new = new / (1e-12 + jnp.sqrt(jnp.sum(jnp.square(new), axis=(0, 1)))) * budget
+  delta = jnp.where(mask1, new, jnp.where(mask2, 0.0, delta))
+  return jnp.clip(x + epsilon * _normalized(delta), 0.0, 1.0)
 
 
 def _normalized(delta):
   return delta / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(delta))), 1e-12)
 
 
-def _linf_proposal(x, x_best, key, side, epsilon):
-  """One example: the window becomes x +- epsilon, one random sign per channel."""
-  height, width, channels = x.shape
-  k_corner, k_sign = jax.random.split(key)
-  top, left = _corner(k_corner, side, height, width)
-  mask = _window_mask(top, left, side, height, width)
-  x_new = jnp.where(mask, x_best + 2.0 * epsilon * _signs(k_sign, (channels,)), x_best)
-  return jnp.clip(jnp.clip(x_new, x - epsilon, x + epsilon), 0.0, 1.0)
-
-
-def _l2_proposal(x, x_best, key, side, epsilon, eta):
-  """One example: a new pattern on window 1 (keeping its old direction's mass), window 2
-  cleared, the budget the two windows held (plus what was unused) spent on window 1, and the
-  whole perturbation rescaled to norm epsilon."""
-  height, width, channels = x.shape
-  k1, k2, k_sign, k_flip = jax.random.split(key, 4)
-  top, left = _corner(k1, side, height, width)
-  top2, left2 = _corner(k2, side, height, width)
-  delta = x_best - x
-  window = jax.lax.dynamic_slice(delta, (top, left, 0), (side, side, channels))
-  window_norms = jnp.sqrt(jnp.sum(jnp.square(window), axis=(0, 1)))
-  mask1 = _window_mask(top, left, side, height, width)
-  mask2 = _window_mask(top2, left2, side, height, width)
-  image_norm = jnp.sqrt(jnp.sum(jnp.square(delta)))
-  windows_norm = jnp.sqrt(jnp.sum(jnp.square(delta * (mask1 | mask2))))
-  pattern = jnp.where(jax.random.bernoulli(k_flip), eta.T, eta)
-  new = pattern[..., None] * _signs(k_sign, (channels,)) + window / (1e-12 + window_norms)
-  budget = jnp.sqrt(jnp.maximum(epsilon ** 2 - image_norm ** 2, 0.0) / channels
-                    + windows_norm ** 2)
-  new = new / (1e-12 + jnp.sqrt(jnp.sum(jnp.square(new), axis=(0, 1)))) * budget
-  delta = jax.lax.dynamic_update_slice(jnp.where(mask2, 0.0, delta), new, (top, left, 0))
-  return jnp.clip(x + epsilon * _normalized(delta), 0.0, 1.0)
-
-
 def square_run(apply_fn, variables, x, y, key, *, epsilon, norm, n_queries=N_QUERIES,
                p_init=P_INIT):
-  """One run of the Square attack on NHWC images; stops early once every example is fooled."""
+  """One run of the Square attack; stops early once every example is fooled.
+
+  One loop for all window sizes (the side is looked up per iteration, windows are masks), and
+  one uniform draw per example and query: few random-number sites keep compilation short.
+  """
   common.check_norm(norm)
-  if x.ndim != 4:
-    raise ValueError(f"the Square attack needs NHWC images; got shape {x.shape}")
+  shape = x.shape
+  x = _as_images(x)
   batch, height, width, channels = x.shape
   init_keys, step_keys = common.split_keys(common.per_example_keys(key, batch), 2)
 
   def margin(x_in):
-    logits, _ = apply_fn(variables, x_in)
+    logits, _ = apply_fn(variables, x_in.reshape(shape))
     return -losses.margin(logits, y)  # z_y - max_{j != y} z_j; <= 0: fooled
 
   if norm == "linf":
     # Vertical stripes: one random sign per column and channel.
-    stripes = jax.vmap(lambda k: _signs(k, (1, width, channels)))(init_keys)
-    x_best = jnp.clip(x + epsilon * stripes, 0.0, 1.0)
+    x_best = jnp.clip(x + epsilon * _signs(init_keys, (1, width, channels)), 0.0, 1.0)
   else:
+    # Tiles of the pattern eta, each with a random orientation and a random sign per channel.
     tile, value, value_t, num_tiles = _l2_init_tiles(height, width)
+    draws = common.uniform(init_keys, (num_tiles + 1, channels + 1))[:, tile]  # (B, H, W, C+1)
+    delta = jnp.where(draws[..., -1:] < 0.5, value_t[..., None], value[..., None])
+    delta = delta * jnp.where(draws[..., :-1] < 0.5, 1.0, -1.0)
+    delta = jnp.where((tile >= 0)[..., None], delta, 0.0)  # tile -1: no tile there
+    x_best = jnp.clip(x + epsilon * jax.vmap(_normalized)(delta), 0.0, 1.0)
 
-    def init_delta(k):
-      k_sign, k_flip = jax.random.split(k)
-      signs = _signs(k_sign, (num_tiles + 1, channels))[tile]  # tile -1 is masked below
-      flips = jax.random.bernoulli(k_flip, 0.5, (num_tiles + 1,))[tile]
-      delta = jnp.where(flips, value_t, value)[..., None] * signs
-      return _normalized(jnp.where((tile >= 0)[..., None], delta, 0.0))
+  phases = square_sizes(n_queries, p_init, height, width, norm)
+  phase_ends = jnp.asarray([end for _, end, _ in phases])
+  sides = jnp.asarray([side for _, _, side in phases])
+  max_side = max(side for _, _, side in phases)
+  etas = jnp.asarray(np.stack([np.pad(eta_pattern(side), ((0, max_side - side),) * 2)
+                               for _, _, side in phases]))
 
-    x_best = jnp.clip(x + epsilon * jax.vmap(init_delta)(init_keys), 0.0, 1.0)
-  margin_min = margin(x_best)
+  def cond(carry):
+    i, _, margin_min = carry
+    return (i < n_queries) & jnp.any(margin_min > 0)
 
-  for start, end, side in square_sizes(n_queries, p_init, height, width, norm):
+  def body(carry):
+    i, x_best, margin_min = carry
+    phase = jnp.searchsorted(phase_ends, i, side="right")
+    side = sides[phase]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (5 + channels,)))(common.fold_in(step_keys, i))
     if norm == "linf":
-      propose = lambda xi, bi, ki, side=side: _linf_proposal(xi, bi, ki, side, epsilon)
+      x_new = jax.vmap(lambda xi, bi, ui: _linf_proposal(xi, bi, ui, side, epsilon))(
+          x, x_best, u)
     else:
-      eta = jnp.asarray(eta_pattern(side))
-      propose = lambda xi, bi, ki, side=side, eta=eta: _l2_proposal(xi, bi, ki, side, epsilon, eta)
+      x_new = jax.vmap(lambda xi, bi, ui: _l2_proposal(xi, bi, ui, side, etas[phase], epsilon))(
+          x, x_best, u)
+    margin_new = margin(x_new)
+    improved = (margin_min > 0) & (margin_new < margin_min)
+    x_best = jnp.where(common.expand(improved, x), x_new, x_best)
+    return i + 1, x_best, jnp.where(improved, margin_new, margin_min)
 
-    def cond(carry, end=end):
-      i, _, margin_min = carry
-      return (i < end) & jnp.any(margin_min > 0)
-
-    def body(carry, propose=propose):
-      i, x_best, margin_min = carry
-      x_new = jax.vmap(propose)(x, x_best, common.fold_in(step_keys, i))
-      margin_new = margin(x_new)
-      improved = (margin_min > 0) & (margin_new < margin_min)
-      x_best = jnp.where(common.expand(improved, x), x_new, x_best)
-      return i + 1, x_best, jnp.where(improved, margin_new, margin_min)
-
-    _, x_best, margin_min = jax.lax.while_loop(cond, body, (jnp.int32(start), x_best, margin_min))
-  return common.finish(x_best, x, epsilon, norm)
+  _, x_best, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), x_best, margin(x_best)))
+  return common.finish(x_best, x, epsilon, norm).reshape(shape)
 
 
 def make_run(*, epsilon, norm, n_queries=N_QUERIES, p_init=P_INIT):

@@ -1,0 +1,243 @@
+"""The benchmark command.
+
+  python -m clead_jax.bench train_step --model resnet18 --width 64 --batch 128 --pgd-steps 10 \
+      [--dtype float32|bfloat16] [--compare torch] [--json OUT]
+  python -m clead_jax.bench attacks --model resnet18 --width 64 --batch 128 \
+      [--attacks pgd20,autoattack] [--compare torch] [--json OUT]
+
+Each workload is compiled once (its compile time reported on its own), warmed up, then timed
+`--runs` times; the median is reported. With --rounds R the JAX and PyTorch timings alternate R
+times in this one process, so that load from other processes hits both alike; the ratio is
+JAX images/s over PyTorch images/s from the medians over all rounds.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from clead_jax import attacks
+from clead_jax.bench import measure
+from clead_jax.bench import workloads
+
+JSON_KEYS = ("jax_images_per_s", "torch_images_per_s", "ratio", "jax_compile_s",
+             "flops_per_image", "achieved_flops", "peak_flops", "device", "versions")
+FLOPS_METHOD = ("analytic: 2 x multiply-adds of every convolution and dot_general in the jaxpr, "
+                "loops times their trip counts")
+# attack name -> (steps, step divisor) of the PyTorch reference, as attacks.EVAL_ATTACKS defines
+# them; AutoAttack has no PyTorch reference here.
+TORCH_ATTACKS = {"pgd20": (20, 4)}
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog="python -m clead_jax.bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  for name, help_text in (("train_step", "the jitted C-LEAD train step"),
+                          ("attacks", "the evaluation attacks (PGD-20, AutoAttack)")):
+    sub = commands.add_parser(name, help=help_text)
+    sub.add_argument("--model", default="resnet18",
+                     help="config.model.name: resnet18, preact_resnet18, wide_resnet")
+    sub.add_argument("--width", type=int, default=64, help="config.model.width (resnets)")
+    sub.add_argument("--depth", type=int, default=34, help="config.model.depth (wide_resnet)")
+    sub.add_argument("--widen", type=int, default=10, help="config.model.widen (wide_resnet)")
+    sub.add_argument("--batch", type=int, default=128, help="images per step or attack call")
+    sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                     help="config.model.dtype (compute; params stay float32)")
+    sub.add_argument("--compare", choices=("torch",), default=None,
+                     help="also time the PyTorch reference in this process")
+    sub.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference")
+    sub.add_argument("--runs", type=int, default=5, help="timed runs after warm-up (median)")
+    sub.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
+    sub.add_argument("--rounds", type=int, default=1,
+                     help="alternate JAX and PyTorch timings this many times")
+    sub.add_argument("--config", default=workloads.DEFAULT_CONFIG,
+                     help="config file whose get_config() the overrides apply to")
+    sub.add_argument("--json", default=None, help="write the results to this file")
+    sub.add_argument("--profile", default=None, metavar="DIR",
+                     help="profile one more JAX run into DIR and print its costliest operations")
+    if name == "train_step":
+      sub.add_argument("--pgd-steps", type=int, default=10, help="config.attack.steps")
+    else:
+      sub.add_argument("--attacks", default="pgd20,autoattack",
+                       help="comma-separated names in clead_jax.attacks.EVAL_ATTACKS")
+  return parser
+
+
+def _config(args):
+  overrides = {"model.name": args.model, "model.width": args.width, "model.depth": args.depth,
+               "model.widen": args.widen, "model.dtype": args.dtype,
+               "train.batch_size": args.batch, "method": "clead"}
+  if args.command == "train_step":
+    overrides["attack.steps"] = args.pgd_steps
+  return workloads.load_config(args.config, overrides)
+
+
+def _peak_flops(args):
+  """The larger of XLA's and (when compared) PyTorch's large-matmul FLOP/s, in --dtype."""
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  peaks = {"jax_matmul": measure.matmul_peak_jax(dtype)}
+  if args.compare == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+    size = 2048
+    a = torch.randn(size, size, device=args.torch_device,
+                    dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+
+    def run():
+      a @ a
+      workloads._torch_sync(args.torch_device)  # pylint: disable=protected-access
+
+    seconds, _ = measure.median_seconds(run, 5)
+    peaks["torch_matmul"] = 2 * size**3 / seconds
+  return max(peaks.values()), peaks
+
+
+def _alternate(rounds, jax_fn, torch_fn):
+  """JAX and PyTorch timings, alternated; the first JAX timing keeps its compile time."""
+  jax_timings, torch_timings = [], []
+  for _ in range(rounds):
+    jax_timings.append(jax_fn())
+    if torch_fn is not None:
+      torch_timings.append(torch_fn())
+  return jax_timings, torch_timings
+
+
+def _merge(timings):
+  if not timings:
+    return None
+  merged = timings[0]
+  times = [t for timing in timings for t in timing.times]
+  return workloads.Timing(merged.batch_size, statistics.median(times), times, merged.compile_s,
+                          merged.flops_per_image, merged.profile)
+
+
+def _summary(jax_timing, torch_timing, peak, peaks, label, args):
+  achieved = jax_timing.flops_per_image * jax_timing.images_per_s
+  result = {
+      "jax_images_per_s": jax_timing.images_per_s,
+      "torch_images_per_s": torch_timing.images_per_s if torch_timing else None,
+      "ratio": jax_timing.images_per_s / torch_timing.images_per_s if torch_timing else None,
+      "jax_compile_s": jax_timing.compile_s,
+      "flops_per_image": jax_timing.flops_per_image,
+      "achieved_flops": achieved,
+      "peak_flops": peak,
+      "device": measure.machine_description(),
+      "versions": measure.versions(),
+      "workload": label,
+      "flops_method": FLOPS_METHOD,
+      "peak_method": peaks,
+      "jax_step_times_s": jax_timing.times,
+      "torch_step_times_s": torch_timing.times if torch_timing else None,
+      "batch": args.batch,
+      "dtype": args.dtype,
+  }
+  if args.compare == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+    result["torch_threads"] = torch.get_num_threads()
+    result["torch_device"] = args.torch_device
+  return result
+
+
+def _print_profile(timing):
+  if not timing.profile:
+    return
+  print("costliest XLA operations of one profiled run (ms, calls, instruction, jax op):")
+  for ms, calls, instruction, op_name in timing.profile:
+    print(f"  {ms:9.1f} {calls:4d}  {instruction:32s} {op_name[-90:]}")
+
+
+def _print(result):
+  torch_part = ""
+  if result["torch_images_per_s"] is not None:
+    torch_part = (f"  torch {result['torch_images_per_s']:8.2f} img/s  "
+                  f"ratio {result['ratio']:.2f}x")
+  print(f"{result['workload']}: jax {result['jax_images_per_s']:8.2f} img/s{torch_part}  "
+        f"compile {result['jax_compile_s']:.1f} s  "
+        f"{result['flops_per_image'] / 1e9:.2f} GFLOP/img  "
+        f"{result['achieved_flops'] / 1e9:.1f} of {result['peak_flops'] / 1e9:.1f} GFLOP/s peak "
+        f"({100 * result['achieved_flops'] / result['peak_flops']:.0f}%)", flush=True)
+
+
+def markdown_row(result) -> str:
+  """The BENCHMARKS.md table row of one result."""
+  torch_ips, ratio = result["torch_images_per_s"], result["ratio"]
+  torch_cell = "-" if torch_ips is None else f"{torch_ips:.2f}"
+  ratio_cell = "-" if ratio is None else f"{ratio:.2f}x"
+  share = 100 * result["achieved_flops"] / result["peak_flops"]
+  return (f"| {result['workload']} | {result['jax_images_per_s']:.2f} | {torch_cell} | "
+          f"{ratio_cell} | {result['jax_compile_s']:.1f} | "
+          f"{result['flops_per_image'] / 1e9:.2f} | {share:.0f}% |")
+
+
+def _label(args, what):
+  model = (f"wrn-{args.depth}-{args.widen}" if args.model == "wide_resnet"
+           else f"{args.model} w{args.width}")
+  return f"{what} {model} b{args.batch} {args.dtype}"
+
+
+def train_step(args):
+  config = _config(args)
+  peak, peaks = _peak_flops(args)
+  torch_fn = None
+  if args.compare == "torch":
+    torch_fn = lambda: workloads.torch_train_step(config, args.runs, args.warmup, args.torch_device)
+  jax_timings, torch_timings = _alternate(
+      args.rounds, lambda: workloads.jax_train_step(config, args.runs, args.warmup, profile_dir=args.profile),
+      torch_fn)
+  _print_profile(jax_timings[0])
+  result = _summary(_merge(jax_timings), _merge(torch_timings), peak, peaks,
+                    _label(args, f"clead pgd{args.pgd_steps}"), args)
+  result["round_ratios"] = [j.images_per_s / t.images_per_s
+                            for j, t in zip(jax_timings, torch_timings)]
+  _print(result)
+  print(markdown_row(result))
+  return result
+
+
+def run_attacks(args):
+  config = _config(args)
+  peak, peaks = _peak_flops(args)
+  results, notes = {}, []
+  for name in [n.strip() for n in args.attacks.split(",") if n.strip()]:
+    if name not in attacks.EVAL_ATTACKS:
+      notes.append(f"{name}: not in clead_jax.attacks.EVAL_ATTACKS; skipped")
+      print(f"note: {notes[-1]}", flush=True)
+      continue
+    torch_fn = None
+    if args.compare == "torch" and name in TORCH_ATTACKS:
+      steps, divisor = TORCH_ATTACKS[name]
+      torch_fn = lambda steps=steps, divisor=divisor: workloads.torch_pgd(
+          config, steps, divisor, args.batch, args.runs, args.warmup, args.torch_device)
+    elif args.compare == "torch":
+      notes.append(f"{name}: no PyTorch reference; JAX only")
+      print(f"note: {notes[-1]}", flush=True)
+    jax_timings, torch_timings = _alternate(
+        args.rounds, lambda name=name: workloads.jax_attack(
+            config, name, args.batch, args.runs, args.warmup, profile_dir=args.profile), torch_fn)
+    _print_profile(jax_timings[0])
+    result = _summary(_merge(jax_timings), _merge(torch_timings), peak, peaks,
+                      _label(args, name), args)
+    _print(result)
+    print(markdown_row(result))
+    results[name] = result
+  return {"attacks": results, "notes": notes, "device": measure.machine_description(),
+          "versions": measure.versions(), "peak_flops": peak}
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
+  print(f"{measure.machine_description()}; jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}", flush=True)
+  result = train_step(args) if args.command == "train_step" else run_attacks(args)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+      f.write("\n")
+  return result
+
+
+if __name__ == "__main__":
+  sys.exit(main() and 0)

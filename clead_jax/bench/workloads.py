@@ -1,0 +1,192 @@
+"""What the benchmark times: the compiled C-LEAD train step and the evaluation attacks of
+clead_jax, and the same computations in the PyTorch reference, on random CIFAR-shaped data.
+
+The JAX side goes through the library's own code paths (train.build, train.make_train_step,
+train.jit_train_step, objectives.METHODS['clead'], attacks.EVAL_ATTACKS), so what is timed is
+what training and evaluation run.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clead_jax import attacks
+from clead_jax import input_pipeline
+from clead_jax import objectives
+from clead_jax import parallel
+from clead_jax import train
+from clead_jax.bench import measure
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "cifar10.py")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+@dataclasses.dataclass
+class Timing:
+  """One timed workload: the median step time over `times`, and what it implies."""
+  batch_size: int
+  seconds: float
+  times: list
+  compile_s: float = float("nan")
+  flops_per_image: float = float("nan")
+  profile: list = None  # top XLA operations of one profiled run: (ms, calls, instruction, op)
+
+  @property
+  def images_per_s(self):
+    return self.batch_size / self.seconds
+
+
+def load_config(path=DEFAULT_CONFIG, overrides=None):
+  """get_config() of a config file, with 'a.b' -> value overrides."""
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for field, value in (overrides or {}).items():
+    node = config
+    *parents, leaf = field.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def fake_cifar(batch_size, seed=0):
+  """A CIFAR-10-shaped dataset of one batch of random uint8 images."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, batch_size).astype(np.int32)
+  return input_pipeline.Dataset("cifar10", images, labels, images, labels, 10, CIFAR10_MEAN,
+                                CIFAR10_STD)
+
+
+# --- JAX --------------------------------------------------------------------------------------------
+
+def _profile(run, compiled, directory):
+  if not directory:
+    return None
+  rows, _ = measure.profile_ops(run, compiled.as_text(), directory)
+  return rows
+
+
+def jax_train_step(config, runs, warmup=1, method="clead", profile_dir=None):
+  """The jitted train step of `method`: compile time, then the median over `runs` steps; with
+  profile_dir, one more step under the profiler."""
+  dataset = fake_cifar(config.train.batch_size, config.seed)
+  network, schedule, tx, _, _ = train.build(config, dataset)
+  mesh = parallel.make_mesh()
+  state = train.init_state(network, tx, dataset.image_shape, config.seed, mesh)
+  step_fn = train.make_train_step(objectives.Context(network, config), objectives.METHODS[method],
+                                  tx, schedule)
+  batch = jax.device_put({"image": dataset.train_images, "label": dataset.train_labels},
+                         parallel.batch_sharding(mesh))
+  flops = measure.count_flops(step_fn, state, batch)
+  start = time.perf_counter()
+  compiled = train.jit_train_step(step_fn, mesh).lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  def run():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+
+  seconds, times = measure.median_seconds(run, runs, warmup)
+  return Timing(config.train.batch_size, seconds, times, compile_s, flops / config.train.batch_size,
+                _profile(run, compiled, profile_dir))
+
+
+def jax_attack(config, attack_name, batch_size, runs, warmup=1, profile_dir=None):
+  """attacks.EVAL_ATTACKS[attack_name] on an inference-mode model, as evaluation runs it."""
+  dataset = fake_cifar(batch_size, config.seed)
+  network, _, tx, _, _ = train.build(config, dataset)
+  state = train.create_train_state(network, tx, dataset.image_shape, config.seed)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  attack = attacks.EVAL_ATTACKS[attack_name]
+  apply_fn = lambda v, x: network.apply(v, x, train=False)
+
+  def attack_fn(variables, images, labels):
+    keys = jax.random.split(jax.random.key(config.seed), images.shape[0])
+    return attack(apply_fn, variables, input_pipeline.to_float(images), labels, keys,
+                  epsilon=config.attack.epsilon, norm=config.attack.norm)
+
+  args = (variables, jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels))
+  flops = measure.count_flops(attack_fn, *args)
+  start = time.perf_counter()
+  compiled = jax.jit(attack_fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  run = lambda: compiled(*args).block_until_ready()
+  seconds, times = measure.median_seconds(run, runs, warmup)
+  return Timing(batch_size, seconds, times, compile_s, flops / batch_size,
+                _profile(run, compiled, profile_dir))
+
+
+# --- PyTorch ---------------------------------------------------------------------------------------
+
+def _torch_model(config, device):
+  from clead_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  if config.model.name != "resnet18":
+    raise ValueError(f"the PyTorch reference has resnet18 only, not {config.model.name!r}")
+  return torch_reference.ResNet18(config.model.width, 10, config.model.projection_dim,
+                                  CIFAR10_MEAN, CIFAR10_STD).to(device)
+
+
+def _torch_batch(batch_size, seed, device):
+  import torch  # pylint: disable=g-import-not-at-top
+  dataset = fake_cifar(batch_size, seed)
+  images = torch.from_numpy(dataset.train_images).permute(0, 3, 1, 2).contiguous().to(device)
+  return images, torch.from_numpy(dataset.train_labels).long().to(device)
+
+
+def _torch_sync(device):
+  import torch  # pylint: disable=g-import-not-at-top
+  if device.startswith("cuda"):
+    torch.cuda.synchronize()
+
+
+def torch_train_step(config, runs, warmup=1, device="cpu"):
+  """The PyTorch reference C-LEAD step for the same config, same batch size."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from clead_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  if config.method != "clead" or config.loss.positives != "pair" or config.attack.norm != "linf":
+    raise ValueError("the PyTorch reference is C-LEAD with pair positives under L-inf only")
+  torch.manual_seed(config.seed)
+  model = _torch_model(config, device)
+  step = torch_reference.CleadStep(
+      model, epsilon=config.attack.epsilon, step_size=config.attack.step_size,
+      steps=config.attack.steps, lam=config.loss.lam, clean_weight=config.loss.clean_weight,
+      temperature=config.loss.temperature, learning_rate=config.train.learning_rate,
+      momentum=config.train.momentum, weight_decay=config.train.weight_decay,
+      augment_images=config.data.augment)
+  images, labels = _torch_batch(config.train.batch_size, config.seed, device)
+
+  def run():
+    step(images, labels)
+    _torch_sync(device)
+
+  seconds, times = measure.median_seconds(run, runs, warmup)
+  return Timing(config.train.batch_size, seconds, times)
+
+
+def torch_pgd(config, steps, step_divisor, batch_size, runs, warmup=1, device="cpu"):
+  """The reference evaluation PGD (keeps misclassified iterates), model in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from clead_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(config.seed)
+  model = _torch_model(config, device).eval()
+  images, labels = _torch_batch(batch_size, config.seed, device)
+  epsilon = config.attack.epsilon
+
+  def run():
+    torch_reference.pgd(model, images.float() / 255.0, labels, epsilon=epsilon,
+                        step_size=epsilon / step_divisor, steps=steps, keep_misclassified=True)
+    _torch_sync(device)
+
+  seconds, times = measure.median_seconds(run, runs, warmup)
+  return Timing(batch_size, seconds, times)

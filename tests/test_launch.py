@@ -1,0 +1,150 @@
+"""The launch scripts parse, and their dry runs print exactly the commands a real run executes.
+
+Real runs here call fake gcloud/srun/kubectl that record their arguments; launch/local.sh runs for
+real in tests/test_multiprocess.py.
+"""
+
+import os
+import shlex
+import stat
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gke.sh"]
+MAIN_ARGS = ["--config", "configs/cifar10.py", "--workdir", "/shared/runs/a b",
+             "--config.eval.attacks=pgd20,cw", "--config.train.init_from=it's"]
+
+
+@pytest.fixture
+def fake_tools(tmp_path):
+  """A PATH directory whose gcloud, srun and kubectl append their argv to a log and succeed."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "calls.log"
+  for tool in ("gcloud", "srun", "kubectl"):
+    path = bin_dir / tool
+    path.write_text("#!/usr/bin/env bash\n"
+                    f"{{ printf '%q ' {tool} \"$@\"; echo; }} >> {shlex.quote(str(log))}\n"
+                    "[[ -t 0 ]] || cat > /dev/null\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp_path))
+  return env, log
+
+
+def _run(args, env, dry_run):
+  env = dict(env, DRY_RUN="1" if dry_run else "0")
+  proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return proc.stdout
+
+
+def _printed(output):
+  """The commands a dry run printed ('+ cmd args...'), as argv lists."""
+  return [shlex.split(line[2:]) for line in output.splitlines() if line.startswith("+ ")]
+
+
+def _logged(log):
+  return [shlex.split(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+  subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
+
+
+def test_local_dry_run_prints_one_command_per_process():
+  env = dict(os.environ, DRY_RUN="1", PORT="23456", PYTHON="python3", XLA_FLAGS="--xla_foo=1")
+  output = subprocess.run(["bash", "launch/local.sh", "3", "4", "--", *MAIN_ARGS], cwd=REPO,
+                          env=env, capture_output=True, text=True, check=True).stdout
+  lines = output.splitlines()
+  assert lines[-1] == "wait"
+  commands = [shlex.split(line.rstrip(" &")) for line in lines[:-1]]
+  assert len(commands) == 3
+  for process_id, argv in enumerate(commands):
+    assert argv == ["JAX_PLATFORMS=cpu",
+                    "XLA_FLAGS=--xla_foo=1 --xla_force_host_platform_device_count=4",
+                    "python3", "-m", "clead_jax.main", "--coordinator_address=127.0.0.1:23456",
+                    "--num_processes=3", f"--process_id={process_id}", *MAIN_ARGS]
+
+
+def test_local_rejects_bad_counts():
+  proc = subprocess.run(["bash", "launch/local.sh", "two", "4"], cwd=REPO, capture_output=True,
+                        text=True, check=False)
+  assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_tpu_pod_dry_run_is_what_runs(fake_tools):
+  env, log = fake_tools
+  env = dict(env, TPU_NAME="pod", ZONE="us-central2-b", ACCELERATOR_TYPE="v4-32", BUCKET="bkt")
+  printed = _printed(_run(["bash", "launch/tpu_pod.sh", "all", "--", *MAIN_ARGS], env, True))
+  assert not _logged(log)  # the dry run ran nothing
+  assert [argv[:5] for argv in printed if argv[0] == "gcloud"] == [
+      ["gcloud", "compute", "tpus", "tpu-vm", verb]
+      for verb in ("create", "scp", "ssh", "ssh", "delete")]
+  create, _, scp, install, train, delete = printed
+  assert "--accelerator-type=v4-32" in create and "--zone=us-central2-b" in create
+  assert "--worker=all" in scp and "--worker=all" in install and "--worker=all" in train
+  assert "pip install" in install[-1] and "gcsfuse --implicit-dirs bkt /mnt/clead" in install[-1]
+  remote = train[-1].removeprefix("--command=")
+  assert shlex.split(remote)[:6] == ["cd", "clead_jax", "&&", "python3", "-m", "clead_jax.main"]
+  assert shlex.split(remote)[6:] == MAIN_ARGS
+  assert delete[-1] == "--quiet"
+
+  _run(["bash", "launch/tpu_pod.sh", "all", "--", *MAIN_ARGS], env, False)
+  assert _logged(log) == [argv for argv in printed if argv[0] == "gcloud"]
+
+
+def test_slurm_dry_run_is_what_runs(fake_tools):
+  env, log = fake_tools
+  printed = _printed(_run(["bash", "launch/slurm.sbatch", *MAIN_ARGS], env, True))
+  assert printed == [["srun", "--kill-on-bad-exit=1", "python3", "-m", "clead_jax.main",
+                      *MAIN_ARGS]]
+  assert not _logged(log)
+  _run(["bash", "launch/slurm.sbatch", *MAIN_ARGS], env, False)
+  assert _logged(log) == printed
+  with open(os.path.join(REPO, "launch/slurm.sbatch")) as f:
+    directives = [line.split()[1] for line in f if line.startswith("#SBATCH")]
+  assert "--ntasks-per-node=8" in directives and "--gpus-per-node=8" in directives
+
+
+def test_gke_manifest_and_commands(fake_tools):
+  yaml = pytest.importorskip("yaml")
+  env, log = fake_tools
+  env = dict(env, IMAGE="us-docker.pkg.dev/p/r/clead-jax:1", BUCKET="bkt", NUM_PROCESSES="4",
+             GPUS_PER_POD="8", JOB_NAME="cl")
+  output = _run(["bash", "launch/gke.sh", "apply", "--", *MAIN_ARGS], env, True)
+  assert not _logged(log)
+  manifest = output[:output.index("+ kubectl apply")]
+  service, job = yaml.safe_load_all(manifest)
+  assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+  assert job["spec"]["completionMode"] == "Indexed"
+  assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+  pod = job["spec"]["template"]["spec"]
+  assert pod["subdomain"] == service["metadata"]["name"] == "cl"
+  container = pod["containers"][0]
+  assert container["image"] == "us-docker.pkg.dev/p/r/clead-jax:1"
+  assert container["command"] + container["args"] == ["python3", "-m", "clead_jax.main",
+                                                      *MAIN_ARGS]
+  assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+  env_vars = {e["name"]: e for e in container["env"]}
+  assert env_vars["JAX_COORDINATOR_ADDRESS"]["value"] == "cl-0.cl:1234"
+  assert env_vars["JAX_NUM_PROCESSES"]["value"] == "4"
+  assert "job-completion-index" in env_vars["JAX_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+
+  _run(["bash", "launch/gke.sh", "apply", "--", *MAIN_ARGS], env, False)
+  for action in ("logs", "delete"):
+    printed = _printed(_run(["bash", "launch/gke.sh", action], env, True))
+    _run(["bash", "launch/gke.sh", action], env, False)
+    assert _logged(log)[-1] == printed[0]
+  assert _logged(log)[0] == ["kubectl", "apply", "-f", "-"]
+
+
+def test_gke_apply_needs_image_and_bucket():
+  env = {k: v for k, v in os.environ.items() if k not in ("IMAGE", "BUCKET")}
+  proc = subprocess.run(["bash", "launch/gke.sh", "apply", "--", *MAIN_ARGS], cwd=REPO, env=env,
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 2 and "set IMAGE and BUCKET" in proc.stderr
