@@ -38,10 +38,16 @@ def _conv(x, kernel, strides, padding, lhs_dilation=None):
                                   dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, kernel, strides, padding):
-  """NHWC x HWIO convolution; `padding` is ((top, bottom), (left, right)). Same values and
-  gradients as lax.conv_general_dilated; only the form of the input gradient differs."""
+  """NHWC x HWIO convolution; `padding` is ((top, bottom), (left, right)). The values and
+  gradients of lax.conv_general_dilated; on CPU the gradients are computed by _cpu_conv2d's rule,
+  elsewhere (cuDNN, ...) by autodiff's."""
+  return lax.platform_dependent(x, kernel, cpu=lambda x, k: _cpu_conv2d(x, k, strides, padding),
+                                default=lambda x, k: _conv(x, k, strides, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _cpu_conv2d(x, kernel, strides, padding):
   return _conv(x, kernel, strides, padding)
 
 
@@ -96,7 +102,7 @@ def _conv2d_bwd(strides, padding, residuals, dy):
   return dx, dkernel
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_cpu_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 class Conv(nn.Module):

@@ -8,8 +8,8 @@
 #
 # Process 0 prints the progress and writes the report; the others stay quiet. If a process fails,
 # the others get SIGTERM (then SIGKILL after GRACE seconds) and the script exits with the failed
-# process's status. SIGINT/SIGTERM to the script are passed on: the run checkpoints and stops, and
-# the same command resumes it.
+# process's status. A first SIGINT/SIGTERM to the script is passed on as SIGTERM (the run
+# checkpoints and stops; the same command resumes it); a second one kills the processes.
 #
 # Environment:
 #   DRY_RUN=1   print the commands, run nothing
@@ -55,14 +55,24 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
 fi
 
 pids=()
-kill_at=""  # when set: the time after which the processes still running get SIGKILL
-stop_all() {
+kill_at=""  # once a process has failed: when the others still running get SIGKILL
+signal_all() {
   for pid in "${pids[@]}"; do
-    [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
+    if [[ -n "$pid" ]]; then
+      kill "-$1" "$pid" 2>/dev/null || true
+    fi
   done
-  kill_at=${kill_at:-$((SECONDS + grace))}
 }
-trap 'stop_all' INT TERM
+# First SIGINT/SIGTERM: pass SIGTERM on (the processes checkpoint and stop); second: SIGKILL.
+interrupted=0
+on_signal() {
+  if [[ $interrupted -eq 1 ]]; then
+    signal_all KILL
+  fi
+  interrupted=1
+  signal_all TERM
+}
+trap on_signal INT TERM
 
 for command in "${commands[@]}"; do
   bash -c "exec env $command" &
@@ -85,15 +95,14 @@ while :; do
     if [[ $code -ne 0 && $status -eq 0 ]]; then
       status=$code
       echo "launch/local.sh: process $i exited with status $code; stopping the others" >&2
-      stop_all
+      signal_all TERM
+      kill_at=$((SECONDS + grace))
     fi
   done
   [[ $running -eq 1 ]] || break
   if [[ -n "$kill_at" && $SECONDS -ge $kill_at ]]; then
-    for pid in "${pids[@]}"; do
-      [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true
-    done
+    signal_all KILL
   fi
-  sleep 1
+  sleep 1 || true  # a signal may cut the sleep short
 done
 exit "$status"

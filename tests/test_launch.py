@@ -6,8 +6,10 @@ real in tests/test_multiprocess.py.
 
 import os
 import shlex
+import signal
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -148,3 +150,45 @@ def test_gke_apply_needs_image_and_bucket():
   proc = subprocess.run(["bash", "launch/gke.sh", "apply", "--", *MAIN_ARGS], cwd=REPO, env=env,
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 2 and "set IMAGE and BUCKET" in proc.stderr
+
+
+def _fake_python(tmp_path, body):
+  """An interpreter for launch/local.sh whose process i runs `body` with $id = i."""
+  path = tmp_path / "python"
+  path.write_text("#!/usr/bin/env bash\n"
+                  "for arg; do [[ $arg == --process_id=* ]] && id=${arg#--process_id=}; done\n"
+                  f"{body}\n")
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+  return str(path)
+
+
+def test_local_stops_the_others_when_a_process_fails(tmp_path):
+  """Process 1 fails at once; process 0 would wait forever (as in a collective)."""
+  python = _fake_python(tmp_path, f'[[ $id == 1 ]] && exit 3; echo $$ > {tmp_path}/waiter; '
+                                  'trap "" TERM; while :; do sleep 0.1; done')
+  proc = subprocess.run(["bash", "launch/local.sh", "2", "1", "--", "--workdir", "w"], cwd=REPO,
+                        env=dict(os.environ, PYTHON=python, PORT="1", GRACE="1"),
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 3, proc.stderr
+  assert "process 1 exited with status 3" in proc.stderr
+  waiter = int((tmp_path / "waiter").read_text())
+  with pytest.raises(ProcessLookupError):  # SIGTERM ignored, so it got SIGKILL after GRACE
+    os.kill(waiter, 0)
+
+
+def test_local_passes_sigterm_on(tmp_path):
+  """SIGTERM to the script reaches every process, which stop cleanly: exit status 0."""
+  python = _fake_python(tmp_path, f'trap "echo stopped > {tmp_path}/$id; exit 0" TERM; '
+                                  f'touch {tmp_path}/started.$id; while :; do sleep 0.1; done')
+  launch = subprocess.Popen(["bash", "launch/local.sh", "2", "1", "--", "--workdir", "w"],
+                            cwd=REPO, env=dict(os.environ, PYTHON=python, PORT="1"))
+  try:
+    for _ in range(100):
+      if all((tmp_path / f"started.{i}").exists() for i in range(2)):
+        break
+      time.sleep(0.1)
+    launch.send_signal(signal.SIGTERM)
+    assert launch.wait(timeout=30) == 0
+  finally:
+    launch.kill()
+  assert [(tmp_path / str(i)).read_text().strip() for i in range(2)] == ["stopped", "stopped"]

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Benchmarks the C-LEAD train step (PGD-10) on one NVIDIA GPU: ResNet-18 (width 64) and WRN-34-10,
+# batch 128 and 512, bfloat16 and float32 compute, then PGD-20 on ResNet-18; one JSON per run.
+# Meant to finish within 8 minutes: ResNet-18 first, a deadline that skips what would not fit,
+# and a per-run timeout. A run that fails (e.g. out of memory: WRN-34-10 at batch 512 in float32
+# keeps ~1024 images of activations) is recorded and the next one starts.
+#
+#   launch/gpu_bench.sh [--dry-run] [OUT_DIR]      (default OUT_DIR: bench_gpu)
+#
+# Environment:
+#   PYTHON          interpreter (default: python3)
+#   BUDGET_S        total seconds (default: 480)
+#   RUN_TIMEOUT_S   seconds per run (default: 150)
+#   COMPARE_TORCH=1 also time the PyTorch reference (ResNet-18 only; needs torch with CUDA)
+set -uo pipefail
+
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry_run=1
+  shift
+fi
+out_dir=${1:-bench_gpu}
+python=${PYTHON:-python3}
+budget_s=${BUDGET_S:-480}
+run_timeout_s=${RUN_TIMEOUT_S:-150}
+torch_args=""
+if [[ "${COMPARE_TORCH:-0}" == 1 ]]; then
+  torch_args="--compare torch --torch-device cuda"
+fi
+
+# name|bench arguments, in the order they run.
+runs=()
+for batch in 128 512; do
+  for dtype in bfloat16 float32; do
+    runs+=("train_resnet18_b${batch}_${dtype}|train_step --model resnet18 --width 64 --batch $batch \
+--pgd-steps 10 --dtype $dtype --runs 5 $torch_args")
+  done
+done
+for batch in 128 512; do
+  for dtype in bfloat16 float32; do
+    runs+=("train_wrn34-10_b${batch}_${dtype}|train_step --model wide_resnet --depth 34 --widen 10 \
+--batch $batch --pgd-steps 10 --dtype $dtype --runs 5")
+  done
+done
+runs+=("attacks_resnet18_b512_float32|attacks --model resnet18 --width 64 --batch 512 \
+--attacks pgd20 --runs 5 $torch_args")
+
+# The compilation cache makes a second invocation skip most compile time.
+env_prefix="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAX_COMPILATION_CACHE_DIR=$out_dir/jax_cache"
+
+if [[ $dry_run == 1 ]]; then
+  echo "mkdir -p $out_dir"
+  for entry in "${runs[@]}"; do
+    name=${entry%%|*}
+    echo "timeout $run_timeout_s env $env_prefix $python -m clead_jax.bench ${entry#*|} --json $out_dir/$name.json"
+  done
+  exit 0
+fi
+
+mkdir -p "$out_dir"
+"$python" -c 'import jax; assert jax.devices()[0].platform == "gpu", jax.devices()' || {
+  echo "launch/gpu_bench.sh: JAX sees no GPU; install jax[cuda12] and check nvidia-smi" >&2
+  exit 1
+}
+start=$(date +%s)
+failed=0
+for entry in "${runs[@]}"; do
+  name=${entry%%|*}
+  elapsed=$(( $(date +%s) - start ))
+  left=$(( budget_s - elapsed ))
+  if (( left < 30 )); then
+    echo "launch/gpu_bench.sh: ${elapsed}s spent; skipping $name (budget ${budget_s}s)" >&2
+    echo "{\"skipped\": \"time budget\"}" > "$out_dir/$name.json"
+    continue
+  fi
+  limit=$(( left < run_timeout_s ? left : run_timeout_s ))
+  echo "== $name (limit ${limit}s)"
+  # shellcheck disable=SC2086  # the bench arguments are meant to split into words
+  timeout "$limit" env $env_prefix "$python" -m clead_jax.bench ${entry#*|} \
+      --json "$out_dir/$name.json" 2>&1 | tee "$out_dir/$name.log"
+  status=${PIPESTATUS[0]}
+  if [[ $status -ne 0 ]]; then
+    failed=$((failed + 1))
+    echo "{\"failed\": $status, \"log\": \"$name.log\"}" > "$out_dir/$name.json"
+    echo "launch/gpu_bench.sh: $name exited with status $status (124: timeout); see $out_dir/$name.log" >&2
+  fi
+done
+echo "launch/gpu_bench.sh: done in $(( $(date +%s) - start ))s, $failed run(s) failed; results in $out_dir/"
+grep -h '^| ' "$out_dir"/*.log 2>/dev/null || true
