@@ -4,11 +4,11 @@ Every backbone normalises its input first, so attacks work in [0, 1] pixel space
 means what the config says. `Network` adds the projection head whose L2-normalised output feeds
 the contrastive loss.
 
-Convolutions are NHWC with HWIO kernels, and `Conv` writes their input gradient itself as another
-NHWC/HWIO convolution. XLA:CPU runs a convolution fast (Eigen or YNNPACK) only in that canonical
-form, and its canonicalisation pass rewrites top-level convolutions only: inside a loop (the PGD
-fori_loop) the input gradient autodiff makes (kernel as HWOI) ran as a naive loop nest, 5-10x
-slower than the same step unrolled. See BENCHMARKS.md.
+Convolutions are NHWC x HWIO, and on CPU `conv2d` writes out its own gradients. XLA:CPU runs a
+convolution fast (Eigen or YNNPACK) only in that canonical form and canonicalises top-level
+convolutions only, so inside the PGD fori_loop the input gradient autodiff makes (an HWOI kernel)
+ran as a naive loop nest, 5-10x slower than unrolled; and its form of the kernel gradient (a
+window as large as the image) ran at ~2 GFLOP/s even at the top level. See BENCHMARKS.md.
 """
 
 import functools
@@ -68,7 +68,8 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
   kh, kw, cin, cout = kernel_shape
   batch, out_h, out_w, _ = dy.shape
   (top, bottom), (left, right) = padding
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+  xp = lax.pad(x, jnp.zeros((), x.dtype),
+               ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
   chunk = _chunk_size(batch, out_h * out_w * kh * kw * cin * x.dtype.itemsize)
   xs = xp.reshape((batch // chunk, chunk) + xp.shape[1:])
   dys = dy.reshape(batch // chunk, chunk * out_h * out_w, cout)
@@ -90,14 +91,14 @@ def _kernel_grad(x, dy, kernel_shape, strides, padding):
 def _conv2d_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   # The input gradient: dy, dilated by the strides, convolved with the flipped kernel whose in and
-  # out channels are swapped (still HWIO), with the padding of JAX's own transpose rule.
+  # out channels are swapped (still HWIO), padded as JAX's own transpose rule pads it.
   pads = []
   for size, out, k, stride, (low, _) in zip(x.shape[1:3], dy.shape[1:3], kernel.shape[:2],
                                             strides, padding):
     before = k - low - 1
     pads.append((before, size + k - 1 - ((out - 1) * stride + 1) - before))
-  kernel_t = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-  dx = _conv(dy, kernel_t, (1, 1), pads, lhs_dilation=strides)
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = _conv(dy, flipped, (1, 1), pads, lhs_dilation=strides)
   dkernel = _kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
   return dx, dkernel
 

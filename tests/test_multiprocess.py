@@ -1,6 +1,14 @@
 """Two real processes x 4 CPU devices (launch/local.sh) train digits C-LEAD end to end like one
 process with 8 devices, write one report and one set of checkpoints, and resume from their own
-checkpoint. Every run is a subprocess: XLA_FLAGS must be set before jax is imported."""
+checkpoint.
+
+The one-process side checks the two-process run step by step: from each of its checkpoints it
+takes one step on 8 devices and compares with the next checkpoint, and it evaluates the final
+checkpoint. (Comparing two independent runs is no test: this training is chaotic, and round-off
+alone moves final accuracies by more than 0.01; see tests/test_parallel.py.) Every run is a
+subprocess, as XLA_FLAGS must be set before jax is imported; run as
+`python -m tests.test_multiprocess WORKDIR OUT.json`, this file is the one-process side.
+"""
 
 import json
 import os
@@ -16,11 +24,10 @@ import pytest
 from tests.conftest import REPO
 
 STEPS = 11  # one epoch of digits at the global batch of 128
-ARGS = ["--config", "configs/digits.py", "--config.train.epochs=1", "--config.model.width=8",
-        "--config.model.projection_dim=16", "--config.attack.steps=3",
-        "--config.train.checkpoint_every=5", "--config.train.log_every=5",
-        "--config.eval.attacks=pgd20", "--config.eval.curve_points=0",
-        "--config.eval.num_examples=360"]
+OVERRIDES = {"train.epochs": 1, "model.width": 8, "model.projection_dim": 16, "attack.steps": 3,
+             "train.checkpoint_every": 1, "train.keep_checkpoints": STEPS, "train.log_every": 5,
+             "eval.attacks": "pgd20", "eval.curve_points": 0, "eval.num_examples": 360}
+ARGS = ["--config", "configs/digits.py"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 TIMEOUT_S = 300
 # LLVM optimisation off: 5x faster compiles of the same HLO; these runs compute for seconds.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -28,27 +35,19 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 def _run(command, env=None):
   env = {k: v for k, v in dict(os.environ, **(env or {})).items() if v is not None}
-  proc = subprocess.run(command, cwd=REPO, env=env, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT_S,
-                        check=False)
+  proc = subprocess.run(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, timeout=TIMEOUT_S, check=False)
   return proc.returncode, proc.stdout
 
 
-def _one_process_8_devices(workdir, cache):
-  return _run([sys.executable, "-m", "clead_jax.main", "--workdir", workdir, *ARGS,
-               f"--config.compilation_cache_dir={cache}"],
-              env={"JAX_PLATFORMS": "cpu",
-                   "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"})
-
-
-def _two_processes_4_devices(workdir, cache, extra=()):
+def _two_processes_4_devices(workdir, cache):
   return _run(["bash", "launch/local.sh", "2", "4", "--", "--workdir", workdir, *ARGS,
-               f"--config.compilation_cache_dir={cache}", *extra],
+               f"--config.compilation_cache_dir={cache}"],
               env={"PYTHON": sys.executable, "GRACE": "5", "XLA_FLAGS": FAST_COMPILE})
 
 
 def _state(workdir, step):
-  """The train state of checkpoint `step`, as numpy arrays (any topology)."""
+  """The train state of checkpoint `step` as numpy arrays, whatever topology saved it."""
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.metadata(path).item_metadata.tree
@@ -58,12 +57,8 @@ def _state(workdir, step):
 
 def _max_abs_diff(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _accuracies(report):
-  return {"clean": report["clean_accuracy"], **report["robust_accuracy"]}
 
 
 def _report(workdir):
@@ -71,27 +66,76 @@ def _report(workdir):
     return json.load(f)
 
 
+def _accuracies(report):
+  return {"clean": report["clean_accuracy"], **report["robust_accuracy"]}
+
+
+def _one_process_check(workdir, out_path):
+  """On 8 devices of one process: each step of the run in `workdir` from its checkpoint, and the
+  evaluation of its last checkpoint. Writes {'step_diffs': [...], 'accuracies': {...}}."""
+  # pylint: disable=g-import-not-at-top
+  from clead_jax import checkpointing
+  from clead_jax import evaluation
+  from clead_jax import input_pipeline
+  from clead_jax import objectives
+  from clead_jax import parallel
+  from clead_jax import train
+  from tests.conftest import digits_config
+  # pylint: enable=g-import-not-at-top
+  assert jax.process_count() == 1 and jax.device_count() == 8, jax.devices()
+  config = digits_config(**OVERRIDES)
+  dataset = input_pipeline.load_dataset(config.data)
+  network, schedule, tx, _, _ = train.build(config, dataset)
+  mesh = parallel.make_mesh()
+  replicated, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  abstract_state = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      jax.eval_shape(lambda: train.create_train_state(network, tx, dataset.image_shape,
+                                                      config.seed)))
+  checkpointer = checkpointing.Checkpointer(workdir, STEPS)
+  assert checkpointer.all_steps() == list(range(1, STEPS + 1)), checkpointer.all_steps()
+  step_fn = train.jit_train_step(train.make_train_step(
+      objectives.Context(network, config), objectives.METHODS[config.method], tx, schedule), mesh)
+  batches = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed, 0, data)
+  state = train.init_state(network, tx, dataset.image_shape, config.seed, mesh)
+  step_diffs = []
+  for step in range(1, STEPS + 1):
+    state, _ = step_fn(state, next(batches))
+    saved, _ = checkpointer.restore(abstract_state, step)
+    step_diffs.append(_max_abs_diff(state, saved))
+    state = saved  # the next step starts from the two-process state
+  evaluator = evaluation.Evaluator(network, mesh, config.attack.norm, config.eval.batch_size,
+                                   config.seed)
+  result = train.final_evaluation(config, evaluator, state, dataset)
+  checkpointer.close()
+  with open(out_path, "w") as f:
+    json.dump({"step_diffs": step_diffs, "accuracies": _accuracies(result)}, f)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """{'one': (workdir, output), 'two': ..., 'resumed': ...}."""
+  """{'two': (workdir, output), 'one': check results, 'resumed': (workdir, output)}."""
   root = tmp_path_factory.mktemp("multiprocess")
   cache = str(root / "xla_cache")
   result = {}
-  one = str(root / "one_process")
-  code, output = _one_process_8_devices(one, cache)
-  assert code == 0, output[-5000:]
-  result["one"] = (one, output)
-
   two = str(root / "two_processes")
   code, output = _two_processes_4_devices(two, cache)
   assert code == 0, output[-5000:]
   result["two"] = (two, output)
 
+  check = str(root / "one_process_check.json")
+  code, output = _run([sys.executable, "-m", "tests.test_multiprocess", two, check],
+                      env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS":
+                           f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"})
+  assert code == 0, output[-5000:]
+  with open(check) as f:
+    result["one"] = json.load(f)
+
   # An interrupted run, as if killed after the checkpoint of step 5: the same workdir without
   # the later checkpoints and the report.
   resumed = str(root / "resumed")
   shutil.copytree(two, resumed)
-  for step in (10, STEPS):
+  for step in range(6, STEPS + 1):
     shutil.rmtree(os.path.join(resumed, "checkpoints", str(step)))
   os.remove(os.path.join(resumed, "report.json"))
   code, output = _two_processes_4_devices(resumed, cache)
@@ -102,42 +146,46 @@ def runs(tmp_path_factory):
 
 def test_two_processes_write_one_report_and_one_set_of_checkpoints(runs):
   workdir, output = runs["two"]
-  assert "clead_jax: 2 process(es), 8 device(s) (cpu); global batch 128, per-device batch 16" in output
+  assert ("clead_jax: 2 process(es), 8 device(s) (cpu); global batch 128, per-device batch 16"
+          in output)
   assert output.count("# Robustness report") == 1, output[-3000:]  # process 0 only
   assert _report(workdir)["steps"] == STEPS
   checkpoints = os.path.join(workdir, "checkpoints")
-  assert sorted(int(s) for s in os.listdir(checkpoints) if s.isdigit()) == [5, 10, STEPS]
-  assert os.listdir(checkpoints) == [s for s in os.listdir(checkpoints) if s.isdigit()]
-  # Both processes took part in every save: one checkpoint holds both processes' writes.
+  assert sorted(int(s) for s in os.listdir(checkpoints)) == list(range(1, STEPS + 1))
+  # Both processes took part in each save: one checkpoint holds both processes' writes.
   state_files = os.listdir(os.path.join(checkpoints, str(STEPS), "state"))
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(state_files), state_files
 
 
-def test_two_processes_train_like_one_process(runs):
-  one, two = runs["one"][0], runs["two"][0]
-  assert "1 process(es), 8 device(s)" in runs["one"][1]
-  for name, accuracy in _accuracies(_report(one)).items():
-    assert abs(_accuracies(_report(two))[name] - accuracy) <= 0.01, name
-  assert _max_abs_diff(_state(one, STEPS)["params"], _state(two, STEPS)["params"]) < 1e-4
+def test_every_two_process_step_is_the_one_process_step(runs):
+  step_diffs = runs["one"]["step_diffs"]
+  assert len(step_diffs) == STEPS
+  assert max(step_diffs) < 1e-4, step_diffs
+
+
+def test_two_process_report_matches_one_process_evaluation(runs):
+  two = _accuracies(_report(runs["two"][0]))
+  one = runs["one"]["accuracies"]
+  assert set(one) == set(two) == {"clean", "pgd20"}
+  for name, accuracy in one.items():
+    assert abs(two[name] - accuracy) <= 0.01, (name, two[name], accuracy)
 
 
 def test_two_processes_resume_from_their_checkpoint(runs):
   (two, _), (resumed, output) = runs["two"], runs["resumed"]
   assert "clead_jax: resuming from step 5" in output, output[-3000:]
   assert _report(resumed)["steps"] == STEPS
-  assert _max_abs_diff(_state(two, STEPS), _state(resumed, STEPS)) < 1e-5
   for name, accuracy in _accuracies(_report(two)).items():
     assert abs(_accuracies(_report(resumed))[name] - accuracy) <= 0.01, name
-
-
-def test_a_failing_process_stops_the_launch(tmp_path):
-  """A batch the 8 devices do not divide: both processes exit 2 with one clear line, and so
-  does the launch script."""
-  code, output = _two_processes_4_devices(str(tmp_path / "bad"), str(tmp_path / "cache"),
-                                          extra=["--config.train.batch_size=100"])
-  assert code == 2, output[-3000:]
-  assert ("error: config.train.batch_size=100 is not a positive multiple of the 8 devices"
-          in output), output[-3000:]
+  # Same topology, same steps from the same checkpoint: the same training.
+  assert _max_abs_diff(_state(two, STEPS), _state(resumed, STEPS)) < 1e-4
+  with open(os.path.join(two, "metrics.jsonl")) as f:
+    uninterrupted = [json.loads(line) for line in f]
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    after_resume = [json.loads(line) for line in f]
+  assert [m["step"] for m in after_resume] == [m["step"] for m in uninterrupted]
+  for a, b in zip(uninterrupted, after_resume):
+    assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
 
 
 def test_settings_come_from_flags_then_environment(monkeypatch):
@@ -167,3 +215,7 @@ def test_incomplete_multiprocess_settings_are_one_line_errors(tmp_path):
   assert code == 2, output[-3000:]
   errors = [line for line in output.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "--coordinator_address" in errors[0], output[-3000:]
+
+
+if __name__ == "__main__":
+  _one_process_check(sys.argv[1], sys.argv[2])

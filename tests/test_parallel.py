@@ -1,8 +1,9 @@
 """Data parallelism over a 1-D 'data' mesh gives the single-device computation.
 
-The 8-device side runs in a subprocess (XLA_FLAGS must be set before jax is imported): this file
-run as `python -m tests.test_parallel OUT_DIR` does every 8-device check, saves what it trained,
-and the tests here compare it with the same training on one device.
+The checks run in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set before jax is
+imported): this file run as `python -m tests.test_parallel OUT_DIR` compares InfoNCE and 20
+C-LEAD train steps on all 8 devices with the same on one of them (a mesh of one device compiles
+the one-device program) and writes the comparison for the tests below.
 """
 
 import json
@@ -36,8 +37,8 @@ def _max_abs_diff(a, b):
 
 def _lockstep(num_steps=TRAIN_STEPS):
   """num_steps of digits C-LEAD on one device; each step also runs on all devices from the same
-  state and batch. Returns per-step max |one - all| of the new state and the loss, and how far
-  the parameters moved."""
+  state and batch. Returns per-step max |one - all| of the new state and the loss, how far the
+  parameters moved, and whether every step consumed (donated) its input state."""
   config = digits_config(**{"train.epochs": 2, "attack.steps": 3})
   dataset = input_pipeline.load_dataset(config.data)
   network, schedule, tx, _, _ = train.build(config, dataset)
@@ -55,17 +56,21 @@ def _lockstep(num_steps=TRAIN_STEPS):
                                           Mesh(np.asarray(jax.devices()[:1]), ("data",))))
   initial_params = state.params
   diffs = {"params": [], "batch_stats": [], "opt_state": [], "loss": []}
+  donated = []
   for _ in range(num_steps):
     new = {}
     for name, (step_fn, replicated) in steps.items():
-      new_state, metrics = step_fn(jax.device_put(state, replicated), next(batches[name]))
+      state_in = jax.device_put(state, replicated)
+      new_state, metrics = step_fn(state_in, next(batches[name]))
+      donated += [leaf.is_deleted() for leaf in jax.tree.leaves(state_in)]
       new[name] = jax.device_get((new_state, metrics["loss"]))
     (one, one_loss), (every, every_loss) = new["one"], new["all"]
     for field in ("params", "batch_stats", "opt_state"):
       diffs[field].append(_max_abs_diff(getattr(one, field), getattr(every, field)))
     diffs["loss"].append(abs(float(one_loss) - float(every_loss)))
     state = one
-  return {"diffs": diffs, "moved": _max_abs_diff(state.params, initial_params)}
+  return {"diffs": diffs, "moved": _max_abs_diff(state.params, initial_params),
+          "all_donated": all(donated)}
 
 
 def _info_nce_sharded_vs_single():
@@ -122,7 +127,7 @@ def _worker(out_dir):
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
-  """Runs _worker on 8 fake CPU devices; returns its saved arrays."""
+  """Runs _worker on 8 fake CPU devices (it asserts as it goes); returns its lockstep.json."""
   out_dir = str(tmp_path_factory.mktemp("eight_devices"))
   # LLVM optimisation off: 5x faster compiles, same HLO; these programs run for milliseconds.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -135,7 +140,7 @@ def eight_devices(tmp_path_factory):
     return json.load(f)
 
 
-def test_eight_device_checks_pass(eight_devices):
+def test_cross_device_infonce_and_sharding_checks(eight_devices):
   """InfoNCE with cross-device negatives = one-device InfoNCE (value and gradient, every
   positives mode); interleaving needs no collective; a batch 8 does not divide is an error."""
   assert eight_devices
@@ -155,6 +160,7 @@ def test_eight_devices_train_like_one(eight_devices):
   assert max(diffs["loss"]) < 1e-4, diffs["loss"]
   # The comparison can fail: the 20 steps move the parameters far more than the tolerance.
   assert eight_devices["moved"] > 100 * 1e-4
+  assert eight_devices["all_donated"]  # the step reuses the state's buffers
 
 
 class _FakeDevice:

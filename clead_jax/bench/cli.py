@@ -13,6 +13,7 @@ JAX images/s over PyTorch images/s from the medians over all rounds.
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -57,6 +58,8 @@ def _parser():
     sub.add_argument("--config", default=workloads.DEFAULT_CONFIG,
                      help="config file whose get_config() the overrides apply to")
     sub.add_argument("--json", default=None, help="write the results to this file")
+    sub.add_argument("--conv", choices=("custom", "autodiff"), default="custom",
+                     help="autodiff: convolution gradients as before the CPU rules (baseline)")
     sub.add_argument("--profile", default=None, metavar="DIR",
                      help="profile one more JAX run into DIR and print its costliest operations")
     if name == "train_step":
@@ -133,6 +136,9 @@ def _summary(jax_timing, torch_timing, peak, peaks, label, args):
       "torch_step_times_s": torch_timing.times if torch_timing else None,
       "batch": args.batch,
       "dtype": args.dtype,
+      "conv": args.conv,
+      "load_average_1min": os.getloadavg()[0],
+      "command": args.command_line,
   }
   if args.compare == "torch":
     import torch  # pylint: disable=g-import-not-at-top
@@ -175,7 +181,8 @@ def markdown_row(result) -> str:
 def _label(args, what):
   model = (f"wrn-{args.depth}-{args.widen}" if args.model == "wide_resnet"
            else f"{args.model} w{args.width}")
-  return f"{what} {model} b{args.batch} {args.dtype}"
+  conv = " autodiff-conv" if args.conv == "autodiff" else ""
+  return f"{what} {model} b{args.batch} {args.dtype}{conv}"
 
 
 def train_step(args):
@@ -184,9 +191,12 @@ def train_step(args):
   torch_fn = None
   if args.compare == "torch":
     torch_fn = lambda: workloads.torch_train_step(config, args.runs, args.warmup, args.torch_device)
-  jax_timings, torch_timings = _alternate(
-      args.rounds, lambda: workloads.jax_train_step(config, args.runs, args.warmup, profile_dir=args.profile),
-      torch_fn)
+
+  def jax_fn():
+    with workloads.convolutions(args.conv):
+      return workloads.jax_train_step(config, args.runs, args.warmup, profile_dir=args.profile)
+
+  jax_timings, torch_timings = _alternate(args.rounds, jax_fn, torch_fn)
   _print_profile(jax_timings[0])
   result = _summary(_merge(jax_timings), _merge(torch_timings), peak, peaks,
                     _label(args, f"clead pgd{args.pgd_steps}"), args)
@@ -214,9 +224,13 @@ def run_attacks(args):
     elif args.compare == "torch":
       notes.append(f"{name}: no PyTorch reference; JAX only")
       print(f"note: {notes[-1]}", flush=True)
-    jax_timings, torch_timings = _alternate(
-        args.rounds, lambda name=name: workloads.jax_attack(
-            config, name, args.batch, args.runs, args.warmup, profile_dir=args.profile), torch_fn)
+
+    def jax_fn(name=name):
+      with workloads.convolutions(args.conv):
+        return workloads.jax_attack(config, name, args.batch, args.runs, args.warmup,
+                                    profile_dir=args.profile)
+
+    jax_timings, torch_timings = _alternate(args.rounds, jax_fn, torch_fn)
     _print_profile(jax_timings[0])
     result = _summary(_merge(jax_timings), _merge(torch_timings), peak, peaks,
                       _label(args, name), args)
@@ -228,7 +242,9 @@ def run_attacks(args):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = _parser().parse_args(argv)
+  args.command_line = "python -m clead_jax.bench " + " ".join(argv)
   print(f"{measure.machine_description()}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}", flush=True)
   result = train_step(args) if args.command == "train_step" else run_attacks(args)

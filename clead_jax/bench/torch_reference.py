@@ -7,7 +7,8 @@ the projection head; input normalisation inside the model; random crop (zero pad
 PGD with a uniform random start, sign steps and projection, BatchNorm in eval mode, gradients
 with respect to the input only; one joint train-mode forward of the interleaved clean/adversarial
 batch; CE(adv) + CE(clean) + lambda InfoNCE with pair positives; SGD with momentum and weight
-decay on every parameter (optax.add_decayed_weights then optax.sgd).
+decay on every parameter (optax.add_decayed_weights then optax.sgd). With bfloat16, the step runs
+under torch.autocast (float32 parameters, bfloat16 compute), as config.model.dtype does in JAX.
 """
 
 import torch
@@ -119,8 +120,9 @@ class CleadStep:
   """One C-LEAD step: PGD (BN eval) -> joint train-mode forward -> loss -> SGD update."""
 
   def __init__(self, model, *, epsilon, step_size, steps, lam, clean_weight, temperature,
-               learning_rate, momentum, weight_decay, augment_images=True):
+               learning_rate, momentum, weight_decay, augment_images=True, bfloat16=False):
     self.model = model
+    self.bfloat16 = bfloat16
     self.attack = dict(epsilon=epsilon, step_size=step_size, steps=steps)
     self.lam, self.clean_weight, self.temperature = lam, clean_weight, temperature
     self.augment_images = augment_images
@@ -128,6 +130,11 @@ class CleadStep:
                                      weight_decay=weight_decay)
 
   def __call__(self, images_uint8, y):
+    device_type = images_uint8.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bfloat16):
+      return self._step(images_uint8, y)
+
+  def _step(self, images_uint8, y):
     x = images_uint8.float() / 255.0
     if self.augment_images:
       x = augment(x)

@@ -6,6 +6,7 @@ train.jit_train_step, objectives.METHODS['clead'], attacks.EVAL_ATTACKS), so wha
 what training and evaluation run.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -14,9 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from clead_jax import attacks
 from clead_jax import input_pipeline
+from clead_jax import models
 from clead_jax import objectives
 from clead_jax import parallel
 from clead_jax import train
@@ -67,7 +70,23 @@ def fake_cifar(batch_size, seed=0):
                                 CIFAR10_STD)
 
 
-# --- JAX --------------------------------------------------------------------------------------------
+# --- JAX ------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def convolutions(kind):
+  """kind 'autodiff': models.conv2d is plain lax.conv_general_dilated with autodiff's gradients,
+  as clead_jax was before its CPU gradient rules; kept to measure what they buy. 'custom': as is."""
+  if kind == "custom":
+    yield
+    return
+  saved = models.conv2d
+  models.conv2d = lambda x, kernel, strides, padding: lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  try:
+    yield
+  finally:
+    models.conv2d = saved
+
 
 def _profile(run, compiled, directory):
   if not directory:
@@ -127,7 +146,7 @@ def jax_attack(config, attack_name, batch_size, runs, warmup=1, profile_dir=None
                 _profile(run, compiled, profile_dir))
 
 
-# --- PyTorch ---------------------------------------------------------------------------------------
+# --- PyTorch --------------------------------------------------------------------------------------
 
 def _torch_model(config, device):
   from clead_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
@@ -163,7 +182,7 @@ def torch_train_step(config, runs, warmup=1, device="cpu"):
       steps=config.attack.steps, lam=config.loss.lam, clean_weight=config.loss.clean_weight,
       temperature=config.loss.temperature, learning_rate=config.train.learning_rate,
       momentum=config.train.momentum, weight_decay=config.train.weight_decay,
-      augment_images=config.data.augment)
+      augment_images=config.data.augment, bfloat16=config.model.dtype == "bfloat16")
   images, labels = _torch_batch(config.train.batch_size, config.seed, device)
 
   def run():
@@ -184,8 +203,10 @@ def torch_pgd(config, steps, step_divisor, batch_size, runs, warmup=1, device="c
   epsilon = config.attack.epsilon
 
   def run():
-    torch_reference.pgd(model, images.float() / 255.0, labels, epsilon=epsilon,
-                        step_size=epsilon / step_divisor, steps=steps, keep_misclassified=True)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16,
+                        enabled=config.model.dtype == "bfloat16"):
+      torch_reference.pgd(model, images.float() / 255.0, labels, epsilon=epsilon,
+                          step_size=epsilon / step_divisor, steps=steps, keep_misclassified=True)
     _torch_sync(device)
 
   seconds, times = measure.median_seconds(run, runs, warmup)
