@@ -23,7 +23,9 @@ from absl import logging
 
 from clead_jax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+# Another entry point imported in the same process (tests) may have defined --workdir already.
+if "workdir" not in flags.FLAGS:
+  flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _ATTACKS = flags.DEFINE_string(
     "attacks", None, "Comma-separated attacks: attacks.EVAL_ATTACKS (fgsm, pgd20, pgd100, cw, "
     "autoattack, ...), autoattack_plus, autoattack_rand; default config.eval.attacks.")
@@ -140,7 +142,7 @@ def main(argv):
   try:
     from clead_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize()
-    evaluate_workdir(_WORKDIR.value, _ATTACKS.value, _CHECKPOINT.value, _NUM_EXAMPLES.value)
+    evaluate_workdir(flags.FLAGS.workdir, _ATTACKS.value, _CHECKPOINT.value, _NUM_EXAMPLES.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

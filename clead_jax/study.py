@@ -478,8 +478,10 @@ def write_study(workdir, summary, plots=True):
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                                "Directory of the study: one sub-directory per run.")
+# Another entry point imported in the same process (tests) may have defined --workdir already.
+if "workdir" not in flags.FLAGS:
+  flags.DEFINE_string("workdir", None,
+                                  "Directory of the study: one sub-directory per run.")
 _METHODS = flags.DEFINE_string("methods", "standard,pgd_at,trades,clead",
                                "Comma-separated methods (objectives.METHODS).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method: config.seed, config.seed + 1, ...")
@@ -508,7 +510,7 @@ def main(argv):
     if not ("config.eval.attacks" in flags.FLAGS and flags.FLAGS["config.eval.attacks"].present):
       config.eval.attacks, note = default_eval_attacks()
     command = shlex.join(["python", "-m", "clead_jax.study"] + sys.argv[1:])
-    summary = run_study(config, _WORKDIR.value, methods, _SEEDS.value, sweeps, baselines, note,
+    summary = run_study(config, flags.FLAGS.workdir, methods, _SEEDS.value, sweeps, baselines, note,
                         command, is_writer=jax.process_index() == 0)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
