@@ -204,7 +204,8 @@ def _closing(progress):
 def _prepare_workdir(workdir):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe file per process: processes share the workdir.
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
