@@ -4,6 +4,7 @@
       [--dtype float32|bfloat16] [--compare torch] [--json OUT]
   python -m clead_jax.bench attacks --model resnet18 --width 64 --batch 128 \
       [--attacks pgd20,autoattack] [--compare torch] [--json OUT]
+  python -m clead_jax.bench table OUT.json...      (the markdown table of saved results)
 
 Each workload is compiled once (its compile time reported on its own), warmed up, then timed
 `--runs` times; the median is reported. With --rounds R the JAX and PyTorch timings alternate R
@@ -138,6 +139,7 @@ def _summary(jax_timing, torch_timing, peak, peaks, label, args):
       "dtype": args.dtype,
       "conv": args.conv,
       "load_average_1min": os.getloadavg()[0],
+      "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
       "command": args.command_line,
   }
   if args.compare == "torch":
@@ -150,9 +152,14 @@ def _summary(jax_timing, torch_timing, peak, peaks, label, args):
 def _print_profile(timing):
   if not timing.profile:
     return
+  rows, kinds = timing.profile
   print("costliest XLA operations of one profiled run (ms, calls, instruction, jax op):")
-  for ms, calls, instruction, op_name in timing.profile:
+  for ms, calls, instruction, op_name in rows:
     print(f"  {ms:9.1f} {calls:4d}  {instruction:32s} {op_name[-90:]}")
+  total = sum(ms for _, ms in kinds)
+  print(f"time per kind of XLA operation (of {total:.0f} ms):")
+  for kind, ms in kinds[:10]:
+    print(f"  {ms:9.1f} ms {100 * ms / total:5.1f}%  {kind}")
 
 
 def _print(result):
@@ -241,8 +248,23 @@ def run_attacks(args):
           "versions": measure.versions(), "peak_flops": peak}
 
 
+def table(paths) -> str:
+  """BENCHMARKS.md's table of the --json results in `paths` (train_step or attacks files)."""
+  lines = ["| workload | JAX img/s | PyTorch img/s | ratio | compile s | GFLOP/img | share of peak |",
+           "|---|---|---|---|---|---|---|"]
+  for path in paths:
+    with open(path) as f:
+      result = json.load(f)
+    for row in result["attacks"].values() if "attacks" in result else [result]:
+      lines.append(markdown_row(row))
+  return "\n".join(lines)
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["table"]:  # python -m clead_jax.bench table RESULT.json...
+    print(table(argv[1:]))
+    return {}
   args = _parser().parse_args(argv)
   args.command_line = "python -m clead_jax.bench " + " ".join(argv)
   print(f"{measure.machine_description()}; jax {jax.__version__} on "

@@ -94,13 +94,18 @@ def count_flops(fn, *args) -> int:
 
 # --- the machine ----------------------------------------------------------------------------------
 
-def matmul_peak_jax(dtype=jnp.float32, size=2048, runs=5) -> float:
-  """FLOP/s of a large square matmul under XLA: the practical peak of the device."""
+def matmul_peak_jax(dtype=jnp.float32, size=None, runs=10) -> float:
+  """FLOP/s of a large square matmul under XLA at JAX's default precision (on recent NVIDIA
+  GPUs that lets float32 run as TF32, as the convolutions of the train step do): the practical
+  peak of the device. The size is 2048 on CPU and 8192 on accelerators, where a smaller product
+  is too short to fill the chip and measures launch overhead."""
+  if size is None:
+    size = 2048 if jax.devices()[0].platform == "cpu" else 8192
   key_a, key_b = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key_a, (size, size), dtype)
   b = jax.random.normal(key_b, (size, size), dtype)
   matmul = jax.jit(jnp.matmul)
-  seconds, _ = median_seconds(lambda: matmul(a, b).block_until_ready(), runs)
+  seconds, _ = median_seconds(lambda: matmul(a, b).block_until_ready(), runs, warmup=2)
   return 2 * size**3 / seconds
 
 
@@ -148,7 +153,7 @@ def _op_names(hlo_text):
 
 def profile_ops(run, hlo_text, directory, top=20):
   """Runs `run()` once under jax.profiler; returns the `top` XLA operations by total time as
-  (milliseconds, calls, instruction, op_name), and the total time of all operations in ms."""
+  (milliseconds, calls, instruction, op_name), and the time per kind of operation (op_kinds)."""
   with jax.profiler.trace(directory, create_perfetto_trace=True):
     run()
   paths = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
@@ -160,5 +165,15 @@ def profile_ops(run, hlo_text, directory, top=20):
     if event.get("ph") == "X" and event.get("name") in names:
       total_us[event["name"]] += event["dur"]
       calls[event["name"]] += 1
+  all_ops = [(name, us / 1e3) for name, us in total_us.items()]
   rows = [(us / 1e3, calls[name], name, names[name]) for name, us in total_us.most_common(top)]
-  return rows, sum(total_us.values()) / 1e3
+  return rows, op_kinds(all_ops)
+
+
+def op_kinds(op_times):
+  """Time per kind of XLA operation (the instruction name without its '.N' suffix:
+  'ynn_fusion', 'conv_general_dilated', 'dot_general', ...), most costly first, in ms."""
+  kinds = collections.Counter()
+  for name, ms in op_times:
+    kinds[re.sub(r"\.\d+$", "", name)] += ms
+  return kinds.most_common()

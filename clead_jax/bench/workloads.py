@@ -39,7 +39,8 @@ class Timing:
   times: list
   compile_s: float = float("nan")
   flops_per_image: float = float("nan")
-  profile: list = None  # top XLA operations of one profiled run: (ms, calls, instruction, op)
+  # One profiled run: its top XLA operations (ms, calls, instruction, op) and time per kind.
+  profile: tuple = None
 
   @property
   def images_per_s(self):
@@ -91,8 +92,7 @@ def convolutions(kind):
 def _profile(run, compiled, directory):
   if not directory:
     return None
-  rows, _ = measure.profile_ops(run, compiled.as_text(), directory)
-  return rows
+  return measure.profile_ops(run, compiled.as_text(), directory)
 
 
 def jax_train_step(config, runs, warmup=1, method="clead", profile_dir=None):
