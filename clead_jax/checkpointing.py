@@ -83,6 +83,12 @@ class Checkpointer:
   def all_steps(self):
     return sorted(self.manager.all_steps())
 
+  def best_steps(self):
+    """The step kept in DIR/best_checkpoint (empty unless training evaluated with eval_every)."""
+    if not os.path.isdir(self.best_directory):
+      return []
+    return sorted(self._best_manager().all_steps())
+
   def _failed(self, step, error):
     lines = [l.strip() for l in str(error).splitlines() if l.strip()]
     cause = lines[-1] if lines else type(error).__name__
@@ -154,6 +160,10 @@ class Checkpointer:
     if jax.process_index() == 0:
       print(f"warning: {message}", flush=True)
       os.replace(source, target)
+    if jax.process_count() > 1:
+      # The other processes must not list the checkpoints before process 0 has moved this one.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"clead_jax set aside checkpoint {step}")
     self.manager.reload()
 
   def close(self):

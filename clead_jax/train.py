@@ -173,11 +173,17 @@ class StopRequest:
       signal.signal(sig, handler)
 
   def requested(self, step):
-    if jax.process_count() > 1:
-      # All processes must stop at the same step: JAX's preemption sync point agrees on it.
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return self.signal_name is not None or multihost_utils.reached_preemption_sync_point(step)
-    return self.signal_name is not None
+    """Whether to stop after `step`. With several processes, the answer is the same on all of
+    them: each step they share their flags (one small all-gather), so a signal that reaches one
+    process, or reaches them at different steps, stops them all after the same step instead of
+    leaving the others waiting in a collective. JAX's preemption sync point is asked too, for
+    preemption notices that come through its coordination service."""
+    local = self.signal_name is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.array([local]))
+    return bool(np.any(flags)) or multihost_utils.reached_preemption_sync_point(step)
 
 
 def _truncate_metrics(workdir, step):

@@ -12,9 +12,12 @@ subprocess, as XLA_FLAGS must be set before jax is imported; run as
 
 import json
 import os
+import re
+import signal
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -186,6 +189,61 @@ def test_two_processes_resume_from_their_checkpoint(runs):
   assert [m["step"] for m in after_resume] == [m["step"] for m in uninterrupted]
   for a, b in zip(uninterrupted, after_resume):
     assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+
+
+def _pid_of(process_id, workdir):
+  """The pid of the clead_jax.main process with --process_id=process_id training in workdir."""
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    except OSError:
+      continue
+    if "clead_jax.main" in argv and f"--process_id={process_id}" in argv and workdir in argv:
+      return int(entry)
+  return None
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_then_resumes(tmp_path):
+  """SIGTERM to process 1 alone: both processes checkpoint the same step and exit 0 (none waits
+  forever in a collective); the same command then resumes from that step and finishes."""
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "xla_cache")
+  epochs = 6  # 66 steps: still training when the signal comes, soon after step 5
+  command = ["bash", "launch/local.sh", "2", "4", "--", "--workdir", workdir, *ARGS,
+             f"--config.train.epochs={epochs}", "--config.train.checkpoint_every=1000",
+             f"--config.compilation_cache_dir={cache}"]
+  env = dict(os.environ, PYTHON=sys.executable, GRACE="5", XLA_FLAGS=FAST_COMPILE)
+  proc = subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  try:
+    # Training has started once metrics.jsonl has its first line (step 5).
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + TIMEOUT_S
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-5000:]
+      time.sleep(0.2)
+    pid = _pid_of(1, workdir)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, output[-5000:]
+  stopped = re.findall(r"stopped by \w+ at step (\d+)", output)
+  assert len(stopped) == 1, output[-5000:]  # printed by process 0 only
+  step = int(stopped[0])
+  assert 5 <= step < epochs * STEPS, output[-5000:]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+  assert not os.path.exists(os.path.join(workdir, "report.json"))
+
+  code, output = _run(command, env={"PYTHON": sys.executable, "GRACE": "5",
+                                    "XLA_FLAGS": FAST_COMPILE})
+  assert code == 0, output[-5000:]
+  assert f"clead_jax: resuming from step {step}" in output, output[-3000:]
+  assert _report(workdir)["steps"] == epochs * STEPS
 
 
 def test_settings_come_from_flags_then_environment(monkeypatch):
