@@ -29,7 +29,8 @@ if "workdir" not in flags.FLAGS:
 _ATTACKS = flags.DEFINE_string(
     "attacks", None, "Comma-separated attacks: attacks.EVAL_ATTACKS (fgsm, pgd20, pgd100, cw, "
     "autoattack, ...), autoattack_plus, autoattack_rand; default config.eval.attacks.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest' or a checkpoint step.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "latest", "'latest', 'best' (kept when training ran with eval_every) or a step.")
 _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", None, "Test examples to use (the first N); default config.eval.num_examples, "
     "-1 for the whole split.")
@@ -49,15 +50,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def choose_step(checkpoint: str, steps, directory: str) -> int:
-  """The step named by --checkpoint ('latest' or an integer) among the available `steps`."""
+  """The step named by --checkpoint ('latest', 'best' or an integer) among the available `steps`
+  (for 'best', the steps of the best-checkpoint directory)."""
   if not steps:
+    if checkpoint == "best":
+      raise UserError(f"--checkpoint=best: {directory} holds no best checkpoint; it is kept only "
+                      "when training evaluates as it goes (--config.train.eval_every=N epochs)")
     raise UserError(f"{directory} holds no checkpoint; train first (python -m clead_jax.main)")
-  if checkpoint == "latest":
+  if checkpoint in ("latest", "best"):
     return max(steps)
   try:
     step = int(checkpoint)
   except ValueError:
-    raise UserError(f"--checkpoint={checkpoint!r} is neither 'latest' nor a step; available "
+    raise UserError(f"--checkpoint={checkpoint!r} is not 'latest', 'best' or a step; available "
                     f"steps: {sorted(steps)}") from None
   if step not in steps:
     raise UserError(f"--checkpoint={step}: no checkpoint at step {step} in {directory}; "
@@ -88,15 +93,17 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
   # pylint: enable=g-import-not-at-top
   config = load_config(workdir)
   attack_names = evaluation.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  best = checkpoint == "best"
+  directory = os.path.join(os.path.abspath(workdir), "best_checkpoint" if best else "checkpoints")
+  if not best and not os.path.isdir(directory):
     raise UserError(f"{directory} does not exist; train first (python -m clead_jax.main)")
   is_writer = jax.process_index() == 0
 
   # The model and the checkpoint, restored against the abstract state (nothing allocated twice).
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
   try:
-    step = choose_step(checkpoint, checkpointer.all_steps(), directory)
+    step = choose_step(checkpoint, checkpointer.best_steps() if best else checkpointer.all_steps(),
+                       directory)
     mesh = parallel.make_mesh()
     dataset = input_pipeline.load_dataset(config.data)
     network, _, tx, _, _ = train.build(config, dataset)
@@ -105,7 +112,7 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
         lambda: train.create_train_state(network, tx, dataset.image_shape, config.seed))
     abstract_state = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
-    state, _ = checkpointer.restore(abstract_state, step)
+    state, _ = checkpointer.restore(abstract_state, step, best=best)
   finally:
     checkpointer.close()
   if is_writer:

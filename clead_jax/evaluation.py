@@ -115,7 +115,10 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
   result = {"num_examples": int(len(labels)),
             "clean_accuracy": evaluator.accuracy(variables, images, labels, "clean", 0.0)}
   result["robust_accuracy"], autoattack_results = {}, []
+  # Wall seconds of each attack over the split, its compilation included when it is the first use.
+  result["attack_time_s"] = {}
   for name in attack_names:
+    attack_start = time.time()
     if name in autoattack_lib.ATTACK_NAMES:  # one key per stage, and flags for the checks
       autoattack_results.append(
           evaluator.autoattack(variables, images, labels, epsilon, name, progress))
@@ -123,6 +126,7 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
     else:
       result["robust_accuracy"][name] = evaluator.accuracy(variables, images, labels, name,
                                                            epsilon, progress)
+    result["attack_time_s"][name] = time.time() - attack_start
   if curve_points:
     epsilons = np.linspace(0.0, 2.0 * epsilon, curve_points)
     result["robustness_curve"] = {

@@ -32,6 +32,10 @@ def to_markdown(report: dict) -> str:
       f"| clean | {report['clean_accuracy']:.4f} |",
   ]
   lines += [f"| {name} | {acc:.4f} |" for name, acc in report["robust_accuracy"].items()]
+  times = report.get("attack_time_s")
+  if times:
+    lines += ["", "Attack times (s, compilation included): "
+              + ", ".join(f"{name} {seconds:.1f}" for name, seconds in times.items())]
   curve = report.get("robustness_curve")
   if curve:
     lines += ["", f"Robustness curve ({curve['attack']}): "

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 
-TIMING_KEYS = ("train_time_s", "eval_time_s", "compile_time_s")
+TIMING_KEYS = ("train_time_s", "eval_time_s", "compile_time_s", "attack_time_s")
 
 
 def _args(workdir, cache_dir, *extra):

@@ -70,3 +70,22 @@ def test_pretraining_then_clead_and_init_from(tmp_path, trained_digits):
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert "info_nce" not in lines[0] and "info_nce" in lines[-1]  # standard first, then C-LEAD
   assert report["clean_accuracy"] > 0.5  # started from the trained model, not from scratch
+
+
+def test_best_checkpoint_is_the_best_evaluation_and_evaluate_can_load_it(tmp_path):
+  """With eval_every, DIR/best_checkpoint keeps the one step whose held-out PGD-20 accuracy was
+  the highest so far, and `evaluate --checkpoint=best` evaluates that step."""
+  from clead_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = digits_config(**{"method": "pgd_at", "train.epochs": 4, "train.eval_every": 1,
+                            "model.width": 8, "attack.steps": 2, "eval.attacks": "pgd20",
+                            "eval.curve_points": 0, "eval.num_examples": 60,
+                            "eval.during_train_examples": 100})
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  evals = {l["step"]: l["eval/pgd20_accuracy"] for l in lines if "eval/pgd20_accuracy" in l}
+  assert sorted(evals) == [11, 22, 33]  # every epoch but the last, which the final report covers
+  kept = sorted(int(s) for s in os.listdir(tmp_path / "best_checkpoint") if s.isdigit())
+  assert len(kept) == 1 and evals[kept[0]] == max(evals.values()), (kept, evals)
+  report = evaluate.evaluate_workdir(str(tmp_path), attacks="pgd20", checkpoint="best",
+                                     num_examples=60, progress=False)
+  assert report["steps"] == kept[0]
