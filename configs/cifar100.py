@@ -1,27 +1,12 @@
-"""C-LEAD on CIFAR-100 with ResNet-18, L-inf epsilon 8/255: the CIFAR-10 recipe on 100 classes.
+"""C-LEAD on CIFAR-100 with ResNet-18, L-inf epsilon 8/255: configs/cifar10.py on 100 classes.
 
   python -m clead_jax.main --config configs/cifar100.py --workdir runs/cifar100
 """
 
-from clead_jax.default_config import get_base_config
+from configs import cifar10
 
 
 def get_config():
-  config = get_base_config()
+  config = cifar10.get_config()
   config.data.name = "cifar100"
-  config.data.augment = True
-  config.model.name = "resnet18"
-  config.model.width = 64
-  config.attack.epsilon = 8 / 255
-  config.attack.steps = 10
-  config.attack.step_size = 2 / 255
-  config.train.batch_size = 128
-  config.train.epochs = 100
-  config.train.learning_rate = 0.1
-  config.train.weight_decay = 5e-4
-  config.train.schedule = "piecewise"
-  config.train.log_every = 100
-  config.train.checkpoint_every = 1000
-  config.train.eval_every = 10
-  config.eval.batch_size = 500
   return config
