@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import REPO
 
-SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gke.sh"]
+SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gke.sh",
+           "launch/gpu_bench.sh", "launch/gpu_cifar10_short.sh"]
 MAIN_ARGS = ["--config", "configs/cifar10.py", "--workdir", "/shared/runs/a b",
              "--config.eval.attacks=pgd20,cw", "--config.train.init_from=it's"]
 
@@ -192,3 +193,34 @@ def test_local_passes_sigterm_on(tmp_path):
   finally:
     launch.kill()
   assert [(tmp_path / str(i)).read_text().strip() for i in range(2)] == ["stopped", "stopped"]
+
+
+def test_gpu_bench_dry_run_lists_every_row_as_a_valid_bench_command():
+  """ResNet-18 and WRN-34-10, batch 128 and 512, bfloat16 and float32, then PGD-20: nine
+  commands, each of which the bench command's own parser accepts."""
+  from clead_jax.bench import cli  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(["bash", "launch/gpu_bench.sh", "--dry-run", "OUT"], cwd=REPO, check=True,
+                       capture_output=True, text=True).stdout
+  commands = [shlex.split(line) for line in out.splitlines() if "clead_jax.bench" in line]
+  assert len(commands) == 9, out
+  rows = set()
+  for argv in commands:
+    bench_args = argv[argv.index("clead_jax.bench") + 1:]
+    args = cli._parser().parse_args(bench_args)  # pylint: disable=protected-access
+    assert args.json.startswith("OUT/")
+    rows.add((args.command, args.model, args.batch, args.dtype))
+  for model in ("resnet18", "wide_resnet"):
+    for batch in (128, 512):
+      for dtype in ("float32", "bfloat16"):
+        assert ("train_step", model, batch, dtype) in rows
+  assert ("attacks", "resnet18", 512, "float32") in rows
+
+
+def test_gpu_cifar10_short_dry_run_prints_the_training_command():
+  out = subprocess.run(["bash", "launch/gpu_cifar10_short.sh", "--dry-run", "WORK"], cwd=REPO,
+                       check=True, capture_output=True, text=True,
+                       env=dict(os.environ, EPOCHS="3")).stdout
+  train = next(shlex.split(line) for line in out.splitlines() if "clead_jax.main" in line)
+  assert train[train.index("--config") + 1] == "configs/cifar10.py"
+  assert "--workdir" in train and train[train.index("--workdir") + 1] == "WORK"
+  assert "--config.train.epochs=3" in train and "--config.eval.num_examples=1000" in train
