@@ -68,6 +68,8 @@ def _parser():
     else:
       sub.add_argument("--attacks", default="pgd20,autoattack",
                        help="comma-separated names in clead_jax.attacks.EVAL_ATTACKS")
+  commands.add_parser("table", help="the markdown table of saved --json results").add_argument(
+      "paths", nargs="+", metavar="RESULT.json")
   return parser
 
 
@@ -262,10 +264,10 @@ def table(paths) -> str:
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
-  if argv[:1] == ["table"]:  # python -m clead_jax.bench table RESULT.json...
-    print(table(argv[1:]))
-    return {}
   args = _parser().parse_args(argv)
+  if args.command == "table":
+    print(table(args.paths))
+    return {}
   args.command_line = "python -m clead_jax.bench " + " ".join(argv)
   print(f"{measure.machine_description()}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}", flush=True)
