@@ -86,11 +86,12 @@ def margin_objective(logits, embedding, labels):
 
 
 def pgd(apply_fn: Callable, variables, x, y, key, *, epsilon, step_size, steps, norm="linf",
-        init="uniform", objective: Callable = ce_objective, keep_misclassified=False):
+        init="uniform", objective: Callable = ce_objective, keep_misclassified=False, unroll=1):
   """Projected gradient ascent (Madry et al. 2018) on `objective`.
 
   With keep_misclassified, an example keeps the first iterate that the model misclassified, so
-  more steps can never make the attack weaker (used in evaluation).
+  more steps can never make the attack weaker (used in evaluation). `unroll` is the fori_loop's
+  unroll factor (1: one compiled body; `steps`: no loop at all).
   """
   if norm not in NORMS:
     raise ValueError(f"norm={norm!r}; choose one of {NORMS}")
@@ -113,7 +114,8 @@ def pgd(apply_fn: Callable, variables, x, y, key, *, epsilon, step_size, steps, 
 
   x_start = project(random_init(key, x, epsilon, norm, init), x, epsilon, norm)
   fooled = jnp.zeros(x.shape[0], dtype=bool)
-  x_adv, x_best, fooled = jax.lax.fori_loop(0, steps, body, (x_start, x_start, fooled))
+  x_adv, x_best, fooled = jax.lax.fori_loop(0, steps, body, (x_start, x_start, fooled),
+                                            unroll=min(unroll, steps))
   if keep_misclassified:
     x_adv = jnp.where(_expand(fooled, x_adv), x_best, x_adv)
   return jax.lax.stop_gradient(x_adv)

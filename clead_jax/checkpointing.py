@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from clead_jax import default_config
 from clead_jax.errors import UserError
 
 # Config fields that may differ when a run resumes: they change neither the model, nor the data,
@@ -38,11 +39,18 @@ def _flatten(tree, prefix=""):
 
 
 def config_mismatches(stored: dict, current: dict):
-  """Fields, other than RESUMABLE_FIELDS, whose values differ: [(field, stored, current)]."""
+  """Fields, other than RESUMABLE_FIELDS, whose values differ: [(field, stored, current)].
+
+  A field that the stored config lacks (one added to clead_jax after that checkpoint was
+  written) matches when the current value is the field's default, which keeps the old behaviour.
+  """
+  defaults = _flatten(default_config.get_base_config().to_dict())
   stored, current = _flatten(stored), _flatten(current)
   differ = []
   for field in sorted(set(stored) | set(current)):
     if any(field == f or (f.endswith(".") and field.startswith(f)) for f in RESUMABLE_FIELDS):
+      continue
+    if field not in stored and field in defaults and current.get(field) == defaults[field]:
       continue
     a, b = stored.get(field), current.get(field)
     if isinstance(a, list):

@@ -41,6 +41,7 @@ def validate(config):
   _at_least(config.attack.epsilon, 0.0, "attack.epsilon")
   _at_least(config.attack.step_size, 0.0, "attack.step_size")
   _at_least(config.attack.steps, 1, "attack.steps")
+  _at_least(config.attack.unroll, 1, "attack.unroll")
   _at_least(config.loss.temperature, 0.0, "loss.temperature", strict=True)
   _at_least(config.loss.lam, 0.0, "loss.lam")
   _at_least(config.loss.clean_weight, 0.0, "loss.clean_weight")

@@ -33,6 +33,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.attack.steps = 10
   config.attack.step_size = 0.05
   config.attack.random_start = True
+  # PGD's lax.fori_loop unroll factor: 1 compiles one loop body (fastest compile); attack.steps
+  # unrolls the loop fully. See BENCHMARKS.md for what each costs.
+  config.attack.unroll = 1
   config.attack.objective = "ce"  # ce, contrastive, both (clead only)
   config.attack.bn_mode = "running"  # running: BatchNorm running stats; batch: batch stats, not updated
 

@@ -8,7 +8,6 @@ forward pass, so a pair stays on one device when the batch is sharded along 'dat
 """
 
 import dataclasses
-import functools
 from typing import Callable, Optional
 
 import jax
@@ -47,7 +46,7 @@ class Context:
       init = "uniform" if cfg.random_start else "none"
     kwargs = dict(epsilon=cfg.epsilon, step_size=cfg.step_size, norm=cfg.norm, objective=objective)
     if cfg.name == "pgd":
-      kwargs.update(steps=cfg.steps, init=init)
+      kwargs.update(steps=cfg.steps, init=init, unroll=cfg.unroll)
     return attacks.TRAIN_ATTACKS[cfg.name](self.attack_apply_fn(), variables, x, y, key, **kwargs)
 
 

@@ -48,6 +48,17 @@ def test_training_attacks_stay_in_ball_and_box(name, norm, epsilon):
   assert not np.allclose(x_adv, x)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_unrolled_pgd_equals_the_loop(norm):
+  variables, x, y = _linear_problem(seed=2)
+  run = lambda unroll: jax.jit(functools.partial(
+      attacks.pgd, _linear_apply, epsilon=0.1, step_size=0.025, steps=6, norm=norm,
+      keep_misclassified=True, unroll=unroll))(variables, x, y, jax.random.key(3))
+  looped = np.asarray(run(1))
+  for unroll in (2, 6, 99):
+    np.testing.assert_allclose(np.asarray(run(unroll)), looped, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["fgsm", "pgd20", "pgd100", "cw"])  # AutoAttack: test_attack_invariants.py
 def test_eval_attacks_stay_in_ball_and_box(name):
   variables, x, y = _linear_problem(seed=1)

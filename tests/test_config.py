@@ -21,6 +21,7 @@ from tests.conftest import REPO, digits_config
     ("attack.norm", "l1", "config.attack.norm"),
     ("eval.attacks", "pgd20,nonsense", "config.eval.attacks"),
     ("train.pretrain_epochs", 99, "config.train.pretrain_epochs"),
+    ("attack.unroll", 0, "config.attack.unroll"),
 ])
 def test_bad_values_name_the_field(field, value, named):
   with pytest.raises(UserError) as error:
@@ -57,3 +58,20 @@ def test_cli_batch_not_divisible_by_devices(tmp_path):
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: config.train.batch_size=100") and "8 devices" in last, last
+
+
+def test_resume_config_check_accepts_fields_added_later_at_their_default():
+  """A checkpoint written before a config field existed resumes when that field is left at its
+  default; a changed value of it, or of any other optimisation field, is still refused."""
+  from clead_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  current = digits_config().to_dict()
+  stored = digits_config().to_dict()
+  del stored["attack"]["unroll"]
+  assert checkpointing.config_mismatches(stored, current) == []
+  current["attack"]["unroll"] = 10
+  assert checkpointing.config_mismatches(stored, current) == [("attack.unroll", None, 10)]
+  current["attack"]["unroll"] = 1
+  current["train"]["log_every"] = 7  # a resumable field
+  current["train"]["learning_rate"] = 0.5
+  assert [f for f, _, _ in checkpointing.config_mismatches(stored, current)] == [
+      "train.learning_rate"]

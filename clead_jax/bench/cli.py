@@ -65,6 +65,9 @@ def _parser():
                      help="profile one more JAX run into DIR and print its costliest operations")
     if name == "train_step":
       sub.add_argument("--pgd-steps", type=int, default=10, help="config.attack.steps")
+      sub.add_argument("--pgd-unroll", type=int, default=1,
+                       help="config.attack.unroll: 1 = one compiled PGD loop body, "
+                            "--pgd-steps = fully unrolled")
     else:
       sub.add_argument("--attacks", default="pgd20,autoattack",
                        help="comma-separated names in clead_jax.attacks.EVAL_ATTACKS")
@@ -79,6 +82,7 @@ def _config(args):
                "train.batch_size": args.batch, "method": "clead"}
   if args.command == "train_step":
     overrides["attack.steps"] = args.pgd_steps
+    overrides["attack.unroll"] = args.pgd_unroll
   return workloads.load_config(args.config, overrides)
 
 
@@ -191,7 +195,9 @@ def _label(args, what):
   model = (f"wrn-{args.depth}-{args.widen}" if args.model == "wide_resnet"
            else f"{args.model} w{args.width}")
   conv = " autodiff-conv" if args.conv == "autodiff" else ""
-  return f"{what} {model} b{args.batch} {args.dtype}{conv}"
+  unroll = getattr(args, "pgd_unroll", 1)
+  unroll = f" unroll{unroll}" if unroll != 1 else ""
+  return f"{what} {model} b{args.batch} {args.dtype}{conv}{unroll}"
 
 
 def train_step(args):
