@@ -13,14 +13,12 @@ evaluation.
 
 import json
 import os
-import sys
 
 import jax
 import ml_collections
-from absl import app
 from absl import flags
-from absl import logging
 
+from clead_jax import command_line
 from clead_jax.errors import UserError
 
 # Another entry point imported in the same process (tests) may have defined --workdir already.
@@ -142,21 +140,15 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the progress bars
-  try:
+  command_line.start(argv)
+  with command_line.user_errors_as_one_line():
     from clead_jax import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize()
     evaluate_workdir(flags.FLAGS.workdir, _ATTACKS.value, _CHECKPOINT.value, _NUM_EXAMPLES.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def run():
-  app.run(main)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

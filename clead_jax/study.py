@@ -30,9 +30,7 @@ import shlex
 import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 import matplotlib
 
@@ -42,6 +40,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from clead_jax import attacks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clead_jax import command_line  # pylint: disable=g-import-not-at-top,wrong-import-position
 from clead_jax import config_checks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from clead_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from clead_jax import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -492,11 +491,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
+  command_line.start(argv)
+  with command_line.user_errors_as_one_line():
     distributed.initialize(None, None, None)
     config = _CONFIG.value
     if _SEEDS.value < 1:
@@ -512,9 +508,6 @@ def main(argv):
     command = shlex.join(["python", "-m", "clead_jax.study"] + sys.argv[1:])
     summary = run_study(config, flags.FLAGS.workdir, methods, _SEEDS.value, sweeps, baselines, note,
                         command, is_writer=jax.process_index() == 0)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   failed = sum(len(row["seeds_failed"]) for row in summary["rows"])
   if failed:
     print(f"error: {failed} run(s) failed; see {stem(summary)}.md; the others are summarised",
@@ -522,18 +515,8 @@ def main(argv):
     sys.exit(1)
 
 
-def parse_flags(argv):
-  """absl's parser, with a bad flag value (e.g. a config override of the wrong type) reported as
-  one line and exit code 2 instead of a usage dump."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run():
-  app.run(main, flags_parser=parse_flags)
+  command_line.run(main)
 
 
 if __name__ == "__main__":

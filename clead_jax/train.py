@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from tqdm import tqdm
 
 from clead_jax import checkpointing
