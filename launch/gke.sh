@@ -33,20 +33,8 @@ usage() {
   exit 2
 }
 
-run() {
-  local line="+" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      line+=" $arg"
-    else
-      line+=" '${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  echo "$line"
-  if [[ "${DRY_RUN:-0}" != 1 ]]; then
-    "$@"
-  fi
-}
+# run CMD...: prints the command, then runs it unless DRY_RUN=1.
+source "$(dirname "$0")/dry_run.sh"
 
 # The main arguments as a YAML flow sequence of double-quoted strings.
 yaml_list() {

@@ -36,21 +36,8 @@ usage() {
   exit 2
 }
 
-# Prints a command (quoted so that it can be pasted), then runs it unless DRY_RUN=1.
-run() {
-  local line="+" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      line+=" $arg"
-    else
-      line+=" '${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  echo "$line"
-  if [[ "${DRY_RUN:-0}" != 1 ]]; then
-    "$@"
-  fi
-}
+# run CMD...: prints the command, then runs it unless DRY_RUN=1.
+source "$(dirname "$0")/dry_run.sh"
 
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=("$tpu_name" "--zone=$zone")

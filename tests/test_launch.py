@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO
 
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gke.sh",
-           "launch/gpu_bench.sh", "launch/gpu_cifar10_short.sh"]
+           "launch/gpu_bench.sh", "launch/gpu_cifar10_short.sh", "launch/dry_run.sh"]
 MAIN_ARGS = ["--config", "configs/cifar10.py", "--workdir", "/shared/runs/a b",
              "--config.eval.attacks=pgd20,cw", "--config.train.init_from=it's"]
 
