@@ -345,6 +345,29 @@ def _reference(summary):
   return None
 
 
+def paired_difference(row, reference, key):
+  """Per-seed differences of `key` between `row` and the reference row, over the seeds both
+  finished (one seed shares the initialisation and the batch order across methods):
+  {'seeds', 'differences', 'mean', 'standard_error' (None for one seed), 'ahead'}."""
+  ours = {run["seed"]: run["robust_accuracy"].get(key) for run in row["runs"]}
+  theirs = {run["seed"]: run["robust_accuracy"].get(key) for run in reference["runs"]}
+  seeds = [s for s in ours if ours[s] is not None and theirs.get(s) is not None]
+  if not seeds:
+    return None
+  differences = np.array([ours[s] - theirs[s] for s in seeds])
+  error = (float(differences.std(ddof=1) / np.sqrt(len(seeds))) if len(seeds) > 1 else None)
+  return {"seeds": seeds, "differences": differences.tolist(), "mean": float(differences.mean()),
+          "standard_error": error, "ahead": int(np.sum(differences > 0))}
+
+
+def _paired_cell(paired):
+  if paired is None:
+    return "—"
+  error = "" if paired["standard_error"] is None else f" ± {100 * paired['standard_error']:.1f}"
+  return (f"{100 * paired['mean']:+.1f}{error} "
+          f"(ahead in {paired['ahead']}/{len(paired['seeds'])})")
+
+
 def to_markdown(summary):
   key = _robust_key(summary)
   reference = _reference(summary)
@@ -363,9 +386,14 @@ def to_markdown(summary):
     lines += [f"Command: `{summary['command']}`", ""]
   if summary["note"]:
     lines += [f"Note: {summary['note']}", ""]
+  if reference is not None:
+    lines += [f"Per-seed Δ: the differences to {REFERENCE_METHOD} seed by seed (a seed gives every "
+              "method the same initialisation and batch order), their mean ± standard error, and "
+              f"in how many seeds the row is ahead.", ""]
   header = ["method"] + [h for _, h in COLUMNS] + ["seeds"]
   if reference is not None:
     header.append(f"Δ {heading} vs {REFERENCE_METHOD}")
+    header.append("per-seed Δ: mean ± s.e.")
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in summary["rows"]:
     cells = [row["label"], _pct(row["clean_accuracy"])]
@@ -378,6 +406,8 @@ def to_markdown(summary):
       ours, theirs = row["robust_accuracy"].get(key), reference["robust_accuracy"].get(key)
       cells.append("—" if not ours or not theirs else
                    f"{100 * (ours['mean'] - theirs['mean']):+.1f}")
+      cells.append("—" if row is reference else
+                   _paired_cell(paired_difference(row, reference, key)))
     lines.append("| " + " | ".join(cells) + " |")
   found = {a for r in summary["rows"] for a in r["robust_accuracy"]}
   attack_names = [a for a in SUITE if a in found] + sorted(found - set(SUITE))

@@ -137,6 +137,11 @@ def test_statistics_table_and_plots_from_fake_runs(tmp_path):
   pgd_at_aa = np.array([made[("pgd_at", s)][2] for s in range(3)])
   assert f"| {100 * clead_aa.mean():.1f} ± {100 * clead_aa.std(ddof=1):.1f} |" in rows["clead"]
   assert f"| {100 * (clead_aa.mean() - pgd_at_aa.mean()):+.1f} |" in rows["clead"]
+  differences = clead_aa - pgd_at_aa
+  paired = (f"| {100 * differences.mean():+.1f} ± {100 * differences.std(ddof=1) / np.sqrt(3):.1f} "
+            f"(ahead in {int(np.sum(differences > 0))}/3) |")
+  assert paired in rows["clead"], rows["clead"]
+  assert rows["pgd_at"].rstrip().endswith("| — |")  # no paired Δ of the reference to itself
   assert "Δ AutoAttack vs pgd_at" in (tmp_path / "study.md").read_text()
   for plot in ["study_robust_vs_clean.png", "study_curves.png"]:
     assert (tmp_path / plot).stat().st_size > 1000
