@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from clead_jax import attacks
@@ -66,13 +67,14 @@ class Evaluator:
           out_shardings=data)
     return self._compiled[attack_name]
 
-  def accuracy(self, variables, images, labels, attack_name, epsilon, progress=False):
-    """Fraction of examples classified correctly after the attack ('clean': no attack)."""
+  def correct(self, variables, images, labels, attack_name, epsilon, progress=False):
+    """(n,) bool numpy array, on every process: example i is classified correctly after the
+    attack ('clean': no attack)."""
     fn = self._correct_fn(attack_name)
     n = len(labels)
     sharding = parallel.batch_sharding(self.mesh)
     process_index, process_count = jax.process_index(), jax.process_count()
-    correct = 0
+    flags = []
     starts = range(0, n, self.batch_size)
     for start in tqdm(starts, desc=f"eval {attack_name}", disable=not progress, leave=False):
       indices = np.arange(start, start + self.batch_size)
@@ -80,12 +82,17 @@ class Evaluator:
       indices = np.where(valid, indices, 0)  # pad the last batch with example 0
       host = input_pipeline.local_batch(images, labels, indices, process_index, process_count)
       host["indices"] = indices.reshape(process_count, -1)[process_index].astype(np.int32)
-      host["valid"] = valid.reshape(process_count, -1)[process_index]
       batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
-      ok = fn(variables, batch["image"], batch["label"], batch["indices"],
-              jnp.float32(epsilon))
-      correct += int(jnp.sum(ok & batch["valid"]))
-    return correct / n
+      ok = fn(variables, batch["image"], batch["label"], batch["indices"], jnp.float32(epsilon))
+      if process_count > 1:
+        ok = multihost_utils.process_allgather(ok, tiled=True)
+      flags.append(np.asarray(ok)[valid])
+    return np.concatenate(flags)
+
+  def accuracy(self, variables, images, labels, attack_name, epsilon, progress=False):
+    """Fraction of examples classified correctly after the attack ('clean': no attack)."""
+    return float(np.mean(self.correct(variables, images, labels, attack_name, epsilon,
+                                      progress)))
 
   # AutoAttack (clead_jax/autoattack): stage by stage, on the points still robust.
   def autoattack(self, variables, images, labels, epsilon, name="autoattack", progress=False):
@@ -112,21 +119,28 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
              curve_attack="pgd20", progress=False):
   """Runs the suite; returns the report's accuracy fields and the robustness curve."""
   start = time.time()
-  result = {"num_examples": int(len(labels)),
-            "clean_accuracy": evaluator.accuracy(variables, images, labels, "clean", 0.0)}
+  clean = evaluator.correct(variables, images, labels, "clean", 0.0)
+  result = {"num_examples": int(len(labels)), "clean_accuracy": float(np.mean(clean))}
   result["robust_accuracy"], autoattack_results = {}, []
   # Wall seconds of each attack over the split, its compilation included when it is the first use.
   result["attack_time_s"] = {}
+  robust_to_all = clean.copy()  # per example: no attack so far has fooled it
   for name in attack_names:
     attack_start = time.time()
     if name in autoattack_lib.ATTACK_NAMES:  # one key per stage, and flags for the checks
       autoattack_results.append(
           evaluator.autoattack(variables, images, labels, epsilon, name, progress))
       result["robust_accuracy"].update(autoattack_results[-1].accuracies())
+      robust = autoattack_results[-1].robust_after[-1]
     else:
-      result["robust_accuracy"][name] = evaluator.accuracy(variables, images, labels, name,
-                                                           epsilon, progress)
+      robust = evaluator.correct(variables, images, labels, name, epsilon, progress)
+      result["robust_accuracy"][name] = float(np.mean(robust))
+    robust_to_all &= robust
     result["attack_time_s"][name] = time.time() - attack_start
+  if attack_names:
+    # A point counts only if it is classified correctly clean and after every attack: the
+    # per-example worst case, which can be lower than every attack's own accuracy.
+    result["worst_case_accuracy"] = float(np.mean(robust_to_all))
   if curve_points:
     epsilons = np.linspace(0.0, 2.0 * epsilon, curve_points)
     result["robustness_curve"] = {

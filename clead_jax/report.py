@@ -32,6 +32,9 @@ def to_markdown(report: dict) -> str:
       f"| clean | {report['clean_accuracy']:.4f} |",
   ]
   lines += [f"| {name} | {acc:.4f} |" for name, acc in report["robust_accuracy"].items()]
+  if "worst_case_accuracy" in report:
+    lines.append(f"| worst case per example (every attack above) | "
+                 f"{report['worst_case_accuracy']:.4f} |")
   times = report.get("attack_time_s")
   if times:
     lines += ["", "Attack times (s, compilation included): "

@@ -21,6 +21,7 @@ from scipy import optimize
 from clead_jax import attacks
 from clead_jax import evaluation
 from clead_jax import parallel
+from clead_jax import report as report_lib
 from clead_jax.autoattack import apgd
 from clead_jax.autoattack import autoattack
 from clead_jax.autoattack import checks
@@ -149,6 +150,7 @@ import sys
 import numpy as np
 import jax
 from clead_jax import parallel
+from clead_jax import report as report_lib
 from clead_jax.autoattack import autoattack
 from tests import test_autoattack as t
 assert jax.device_count() == 4, jax.devices()
@@ -454,6 +456,32 @@ def test_zero_and_non_finite_input_gradients_are_counted():
   _, non_finite = evaluator.input_gradient_flags(broken, x, y)
   assert non_finite.all()
   assert "not finite at 40 of 40" in checks.gradient_warnings(zero & False, non_finite)[0]
+
+
+def test_worst_case_counts_a_point_only_if_every_attack_failed_on_it():
+  """report's worst_case_accuracy: the AND of the per-example flags of clean and of each attack,
+  computed here from the attacks themselves; between the exact robust accuracy and the lowest
+  single accuracy."""
+  variables, x, y = linear_problem(n=200)
+  epsilon, names = 0.06, ["fgsm", "pgd20", "cw"]
+  evaluator = evaluation.Evaluator(_Linear(), parallel.make_mesh(), "linf", 200, SEED)
+  result = evaluation.evaluate(evaluator, variables, x, y, epsilon=epsilon, attack_names=names)
+  keys = example_keys(len(y))
+  every = _predict(variables, x) == y
+  for name in names:
+    x_adv = attacks.EVAL_ATTACKS[name](linear_apply, variables, jnp.asarray(x), jnp.asarray(y),
+                                       keys, epsilon=epsilon, norm="linf")
+    fooled_here = _predict(variables, x_adv) != y
+    assert np.isclose(result["robust_accuracy"][name], 1 - fooled_here.mean())
+    every &= ~fooled_here
+  assert result["worst_case_accuracy"] == every.mean()
+  # Here CW and PGD-20 fool different points: the worst case is below the lowest accuracy.
+  assert result["worst_case_accuracy"] < min(result["robust_accuracy"].values())
+  assert result["worst_case_accuracy"] >= exact_robust(variables, x, y, epsilon, "linf")[0].mean()
+  report = {"method": "pgd_at", "dataset": "digits", "model": "linear", "norm": "linf",
+            "epsilon": epsilon, "steps": 0, "train_time_s": 0.0, **result}
+  assert f"| worst case per example (every attack above) | {every.mean():.4f} |" in (
+      report_lib.to_markdown(report))
 
 
 def test_autoattack_is_a_registered_evaluation_attack():

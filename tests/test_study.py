@@ -23,7 +23,8 @@ TINY_FLAGS = [f"--config.{field}={value}" for field, value in TINY.items()]
 SUMMARY_KEYS = {"dataset", "model", "norm", "epsilon", "eval_attacks", "num_examples", "seeds",
                 "sweeps", "note", "command", "wall_time_s", "rows"}
 ROW_KEYS = {"label", "method", "settings", "path", "seeds_finished", "seeds_failed",
-            "clean_accuracy", "robust_accuracy", "worst_case_accuracy", "robustness_curve", "runs"}
+            "clean_accuracy", "robust_accuracy", "worst_case_accuracy", "worst_case_per_example",
+            "robustness_curve", "runs"}
 
 
 def _config(**overrides):
@@ -60,12 +61,16 @@ def test_study_command_runs_writes_and_resumes(tmp_path):
     report = json.loads((workdir / row["method"] / "seed0" / "report.json").read_text())
     assert row["clean_accuracy"]["mean"] == report["clean_accuracy"]
     assert row["robust_accuracy"]["pgd20"]["mean"] == report["robust_accuracy"]["pgd20"]
+    assert row["worst_case_accuracy"]["mean"] == report["worst_case_accuracy"]
+    assert row["worst_case_per_example"]
     assert len(row["robustness_curve"]["mean"]) == 3
   rows = _table_rows((workdir / "study.md").read_text())
   assert set(rows) == {"standard", "pgd_at"}
   pgd_at_pgd20 = 100 * summary["rows"][1]["robust_accuracy"]["pgd20"]["mean"]
   assert f"| {pgd_at_pgd20:.1f} |" in rows["pgd_at"]
   assert "| +0.0 |" in rows["pgd_at"]  # the Δ column: PGD-AT against itself
+  assert "the worst case is the fraction of points that every attack" in (
+      (workdir / "study.md").read_text())
   for plot in ["study_robust_vs_clean.png", "study_curves.png"]:
     assert (workdir / plot).stat().st_size > 1000
 
@@ -130,6 +135,7 @@ def test_statistics_table_and_plots_from_fake_runs(tmp_path):
     assert np.isclose(row["robust_accuracy"]["autoattack"]["mean"], values[:, 2].mean())
     # autoattack/apgd_ce (0.0) is a stage of AutoAttack, not an attack of the suite.
     assert np.isclose(row["worst_case_accuracy"]["mean"], values[:, 1:4].min(axis=1).mean())
+    assert not row["worst_case_per_example"]  # these reports have no worst_case_accuracy
     assert np.allclose(row["robustness_curve"]["mean"], [values[:, 0].mean(),
                                                          values[:, 4].mean(), 0.0])
   rows = _table_rows((tmp_path / "study.md").read_text())
@@ -143,6 +149,7 @@ def test_statistics_table_and_plots_from_fake_runs(tmp_path):
   assert paired in rows["clead"], rows["clead"]
   assert rows["pgd_at"].rstrip().endswith("| — |")  # no paired Δ of the reference to itself
   assert "Δ AutoAttack vs pgd_at" in (tmp_path / "study.md").read_text()
+  assert "the worst case is the lowest accuracy of each run" in (tmp_path / "study.md").read_text()
   for plot in ["study_robust_vs_clean.png", "study_curves.png"]:
     assert (tmp_path / plot).stat().st_size > 1000
 
