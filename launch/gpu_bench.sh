@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks the C-LEAD train step (PGD-10) on one NVIDIA GPU: ResNet-18 (width 64) and WRN-34-10,
 # batch 128 and 512, bfloat16 and float32 compute, then PGD-20 on ResNet-18; one JSON per run.
+# SUITE=attacks times instead every evaluation attack of the README's attack-time table on one
+# batch of 256 CIFAR-sized images for ResNet-18 (width 64): FGSM, PGD-20, PGD-100, CW, AutoAttack.
 # Meant to finish within 8 minutes: ResNet-18 first, a deadline that skips what would not fit,
 # and a per-run timeout. A run that fails (e.g. out of memory: WRN-34-10 at batch 512 in float32
 # keeps ~1024 images of activations) is recorded and the next one starts.
@@ -9,8 +11,9 @@
 #
 # Environment:
 #   PYTHON          interpreter (default: python3)
+#   SUITE           train (default) or attacks
 #   BUDGET_S        total seconds (default: 480)
-#   RUN_TIMEOUT_S   seconds per run (default: 150)
+#   RUN_TIMEOUT_S   seconds per run (default: 150; 300 with SUITE=attacks)
 #   COMPARE_TORCH=1 also time the PyTorch reference (ResNet-18 only; needs torch with CUDA)
 set -uo pipefail
 
@@ -21,8 +24,13 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 out_dir=${1:-bench_gpu}
 python=${PYTHON:-python3}
+suite=${SUITE:-train}
 budget_s=${BUDGET_S:-480}
-run_timeout_s=${RUN_TIMEOUT_S:-150}
+if [[ $suite == attacks ]]; then
+  run_timeout_s=${RUN_TIMEOUT_S:-300}
+else
+  run_timeout_s=${RUN_TIMEOUT_S:-150}
+fi
 torch_args=""
 if [[ "${COMPARE_TORCH:-0}" == 1 ]]; then
   torch_args="--compare torch --torch-device cuda"
@@ -43,6 +51,16 @@ runs=(
   "train_wrn34-10_b512_float32|train_step $wrn --batch 512 --pgd-steps 10 --dtype float32 --runs 5"
   "attacks_resnet18_b512_float32|attacks $r18 --batch 512 --attacks pgd20 --runs 5 $torch_args"
 )
+# AutoAttack runs every stage on the whole batch in the bench (an upper bound; see README).
+attack_runs=(
+  "attacks_resnet18_b256_fgsm_pgd_cw|attacks $r18 --batch 256 --attacks fgsm,pgd20,pgd100,cw --runs 3"
+  "attacks_resnet18_b256_autoattack|attacks $r18 --batch 256 --attacks autoattack --runs 1"
+)
+case "$suite" in
+  train) ;;
+  attacks) runs=("${attack_runs[@]}") ;;
+  *) echo "launch/gpu_bench.sh: SUITE=$suite is not train or attacks" >&2; exit 2 ;;
+esac
 
 # The compilation cache makes a second invocation skip most compile time.
 env_prefix="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 JAX_COMPILATION_CACHE_DIR=$out_dir/jax_cache"

@@ -216,6 +216,27 @@ def test_gpu_bench_dry_run_lists_every_row_as_a_valid_bench_command():
   assert ("attacks", "resnet18", 512, "float32") in rows
 
 
+def test_gpu_bench_attack_suite_times_every_attack_of_the_readme_table():
+  """SUITE=attacks: the README's ResNet-18 attack-time table at width 64, batch 256; an unknown
+  SUITE is one error line and exit 2."""
+  from clead_jax.bench import cli  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, SUITE="attacks")
+  out = subprocess.run(["bash", "launch/gpu_bench.sh", "--dry-run", "OUT"], cwd=REPO, check=True,
+                       capture_output=True, text=True, env=env).stdout
+  names = []
+  for line in out.splitlines():
+    if "clead_jax.bench" in line:
+      argv = shlex.split(line)
+      args = cli._parser().parse_args(argv[argv.index("clead_jax.bench") + 1:])  # pylint: disable=protected-access
+      assert (args.command, args.model, args.width, args.batch) == ("attacks", "resnet18", 64, 256)
+      names += args.attacks.split(",")
+  assert sorted(names) == ["autoattack", "cw", "fgsm", "pgd100", "pgd20"]
+  env["SUITE"] = "inference"
+  bad = subprocess.run(["bash", "launch/gpu_bench.sh", "--dry-run", "OUT"], cwd=REPO,
+                       capture_output=True, text=True, env=env)
+  assert bad.returncode == 2 and "SUITE=inference" in bad.stderr
+
+
 def test_gpu_cifar10_short_dry_run_prints_the_training_command():
   out = subprocess.run(["bash", "launch/gpu_cifar10_short.sh", "--dry-run", "WORK"], cwd=REPO,
                        check=True, capture_output=True, text=True,
