@@ -51,6 +51,7 @@ from clead_jax.errors import UserError  # pylint: disable=g-import-not-at-top,wr
 SUITE = ("fgsm", "pgd20", "pgd100", "cw", "autoattack")
 # The table's columns: (report key, heading); None is clean accuracy.
 COLUMNS = ((None, "clean"), ("pgd20", "PGD-20"), ("autoattack", "AutoAttack"))
+WORST_CASE = "worst_case"  # paired_difference's key for the per-run worst case
 REFERENCE_METHOD = "pgd_at"  # the Δ column compares each row's robust accuracy with this method's
 _NO_SWEEP_FIELDS = ("method", "seed")  # set by --methods and --seeds
 # Fields a finished run may differ in and still count as done: they change neither the training
@@ -315,6 +316,7 @@ def summarize(config, variants, seeds, reports, failures, sweeps, note, command,
         "robustness_curve": _curve_stats([r.get("robustness_curve") for _, r in done]),
         "runs": [{"seed": s, "workdir": os.path.join(variant.path, f"seed{s}"),
                   "clean_accuracy": r["clean_accuracy"], "robust_accuracy": r["robust_accuracy"],
+                  "worst_case_accuracy": _worst_case(r, top_level) if top_level else None,
                   "steps": r["steps"], "train_time_s": r["train_time_s"],
                   "eval_time_s": r["eval_time_s"]} for s, r in done],
     })
@@ -355,11 +357,14 @@ def _reference(summary):
 
 
 def paired_difference(row, reference, key):
-  """Per-seed differences of `key` between `row` and the reference row, over the seeds both
-  finished (one seed shares the initialisation and the batch order across methods):
-  {'seeds', 'differences', 'mean', 'standard_error' (None for one seed), 'ahead'}."""
-  ours = {run["seed"]: run["robust_accuracy"].get(key) for run in row["runs"]}
-  theirs = {run["seed"]: run["robust_accuracy"].get(key) for run in reference["runs"]}
+  """Per-seed differences of `key` (an attack, or WORST_CASE) between `row` and the reference
+  row, over the seeds both finished (one seed shares the initialisation and the batch order
+  across methods): {'seeds', 'differences', 'mean', 'standard_error' (None for one seed),
+  'ahead'}."""
+  value = lambda run: (run.get("worst_case_accuracy") if key == WORST_CASE
+                       else run["robust_accuracy"].get(key))
+  ours = {run["seed"]: value(run) for run in row["runs"]}
+  theirs = {run["seed"]: value(run) for run in reference["runs"]}
   seeds = [s for s in ours if ours[s] is not None and theirs.get(s) is not None]
   if not seeds:
     return None
@@ -424,12 +429,18 @@ def to_markdown(summary):
     per_example = all(r.get("worst_case_per_example") for r in summary["rows"])
     worst = ("the fraction of points that every attack of the run failed on (per example)"
              if per_example else "the lowest accuracy of each run over the suite's attacks")
+    header = ["method"] + attack_names + ["worst case"]
+    if reference is not None:
+      header.append(f"per-seed Δ worst case vs {REFERENCE_METHOD}")
     lines += ["", f"Every attack (the worst case is {worst}, then averaged):", "",
-              "| method | " + " | ".join(attack_names) + " | worst case |",
-              "|---|" + "---|" * (len(attack_names) + 1)]
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary["rows"]:
       cells = [row["label"]] + [_pct(row["robust_accuracy"].get(a)) for a in attack_names]
-      lines.append("| " + " | ".join(cells + [_pct(row["worst_case_accuracy"])]) + " |")
+      cells.append(_pct(row["worst_case_accuracy"]))
+      if reference is not None:
+        cells.append("—" if row is reference else
+                     _paired_cell(paired_difference(row, reference, WORST_CASE)))
+      lines.append("| " + " | ".join(cells) + " |")
   for row in summary["rows"]:
     for seed, error in row["seeds_failed"].items():
       lines += ["", f"FAILED: {row['label']} seed {seed}: {error}"]

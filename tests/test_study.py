@@ -150,6 +150,14 @@ def test_statistics_table_and_plots_from_fake_runs(tmp_path):
   assert rows["pgd_at"].rstrip().endswith("| — |")  # no paired Δ of the reference to itself
   assert "Δ AutoAttack vs pgd_at" in (tmp_path / "study.md").read_text()
   assert "the worst case is the lowest accuracy of each run" in (tmp_path / "study.md").read_text()
+  # The per-seed worst-case Δ, in the every-attack table.
+  worst = {m: np.array([made[(m, s)][1:4].min() for s in range(3)]) for m in ("clead", "pgd_at")}
+  differences = worst["clead"] - worst["pgd_at"]
+  every_attack = (tmp_path / "study.md").read_text().split("Every attack", 1)[1]
+  clead_line = next(line for line in every_attack.splitlines() if line.startswith("| clead"))
+  assert clead_line.endswith(
+      f"| {100 * differences.mean():+.1f} ± {100 * differences.std(ddof=1) / np.sqrt(3):.1f} "
+      f"(ahead in {int(np.sum(differences > 0))}/3) |"), clead_line
   for plot in ["study_robust_vs_clean.png", "study_curves.png"]:
     assert (tmp_path / plot).stat().st_size > 1000
 
