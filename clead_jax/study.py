@@ -427,12 +427,12 @@ def to_markdown(summary):
   attack_names = [a for a in SUITE if a in found] + sorted(found - set(SUITE))
   if attack_names:
     per_example = all(r.get("worst_case_per_example") for r in summary["rows"])
-    worst = ("the fraction of points that every attack of the run failed on (per example)"
+    worst = ("the fraction of points that every attack of the run failed on, per example"
              if per_example else "the lowest accuracy of each run over the suite's attacks")
     header = ["method"] + attack_names + ["worst case"]
     if reference is not None:
       header.append(f"per-seed Δ worst case vs {REFERENCE_METHOD}")
-    lines += ["", f"Every attack (the worst case is {worst}, then averaged):", "",
+    lines += ["", f"Every attack (the worst case is {worst}; then averaged over seeds):", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary["rows"]:
       cells = [row["label"]] + [_pct(row["robust_accuracy"].get(a)) for a in attack_names]
