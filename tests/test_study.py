@@ -162,6 +162,27 @@ def test_statistics_table_and_plots_from_fake_runs(tmp_path):
     assert (tmp_path / plot).stat().st_size > 1000
 
 
+def test_worst_case_is_per_example_where_reports_have_it(tmp_path):
+  """A report's worst_case_accuracy is the run's worst case; older reports (without it) give
+  their lowest accuracy, and the caption says which."""
+  def fake_train(config, run_dir):
+    report = _fake_report(config, run_dir, clean=0.9, robust={"pgd20": 0.5, "fgsm": 0.6})
+    if config.method == "pgd_at":
+      report["worst_case_accuracy"] = 0.45  # lower than every single attack: per example
+      with open(os.path.join(run_dir, "report.json"), "w") as f:
+        json.dump(report, f)
+    return report
+
+  summary = study.run_study(_config(), str(tmp_path), ["pgd_at", "clead"], 1,
+                            train_fn=fake_train)
+  rows = {row["method"]: row for row in summary["rows"]}
+  assert rows["pgd_at"]["worst_case_accuracy"]["mean"] == 0.45
+  assert rows["pgd_at"]["worst_case_per_example"]
+  assert rows["clead"]["worst_case_accuracy"]["mean"] == 0.5
+  assert not rows["clead"]["worst_case_per_example"]
+  assert "per example for runs whose report has it" in (tmp_path / "study.md").read_text()
+
+
 def test_sweep_values_take_the_field_type():
   config = _config()
   assert study.parse_sweep("config.loss.lam=0,0.1,2", config) == ("loss.lam", [0.0, 0.1, 2.0])
