@@ -302,6 +302,7 @@ def summarize(config, variants, seeds, reports, failures, sweeps, note, command,
     attack_names = sorted(set.intersection(*[set(r["robust_accuracy"]) for _, r in done])
                           if done else set())
     top_level = [a for a in attack_names if "/" not in a]  # not AutoAttack's per-stage keys
+    worst = [_worst_case(r, top_level) if top_level else None for _, r in done]
     rows.append({
         "label": variant.label, "method": variant.method, "settings": dict(variant.settings),
         "path": variant.path,
@@ -310,15 +311,14 @@ def summarize(config, variants, seeds, reports, failures, sweeps, note, command,
         "clean_accuracy": _stats([r["clean_accuracy"] for _, r in done]),
         "robust_accuracy": {a: _stats([r["robust_accuracy"][a] for _, r in done])
                             for a in attack_names},
-        "worst_case_accuracy": _stats([_worst_case(r, top_level) for _, r in done])
-                               if top_level else None,
+        "worst_case_accuracy": _stats(worst) if top_level else None,
         "worst_case_per_example": bool(done) and all("worst_case_accuracy" in r for _, r in done),
         "robustness_curve": _curve_stats([r.get("robustness_curve") for _, r in done]),
         "runs": [{"seed": s, "workdir": os.path.join(variant.path, f"seed{s}"),
                   "clean_accuracy": r["clean_accuracy"], "robust_accuracy": r["robust_accuracy"],
-                  "worst_case_accuracy": _worst_case(r, top_level) if top_level else None,
-                  "steps": r["steps"], "train_time_s": r["train_time_s"],
-                  "eval_time_s": r["eval_time_s"]} for s, r in done],
+                  "worst_case_accuracy": w, "steps": r["steps"],
+                  "train_time_s": r["train_time_s"], "eval_time_s": r["eval_time_s"]}
+                 for (s, r), w in zip(done, worst)],
     })
   return {
       "dataset": config.data.name, "model": config.model.name, "norm": config.attack.norm,
