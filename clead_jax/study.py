@@ -427,11 +427,13 @@ def to_markdown(summary):
   attack_names = [a for a in SUITE if a in found] + sorted(found - set(SUITE))
   if attack_names:
     per_example = [bool(r.get("worst_case_per_example")) for r in summary["rows"]]
-    worst = ("the fraction of points that every attack of the run failed on, per example"
-             if all(per_example) else
-             "the lowest accuracy of each run over the suite's attacks" if not any(per_example)
-             else "per example for runs whose report has it, else the run's lowest accuracy "
-             "over the suite's attacks")
+    if all(per_example):
+      worst = "the fraction of points that every attack of the run failed on, per example"
+    elif not any(per_example):
+      worst = "the lowest accuracy of each run over the suite's attacks"
+    else:
+      worst = ("per example for runs whose report has it, else the run's lowest accuracy over "
+               "the suite's attacks")
     header = ["method"] + attack_names + ["worst case"]
     if reference is not None:
       header.append(f"per-seed Δ worst case vs {REFERENCE_METHOD}")
