@@ -8,7 +8,8 @@ input, the loop is `lax.fori_loop`, every iterate is projected onto the epsilon-
 and the result carries no gradient.
 
 `key` is either one PRNG key or one key per example; per-example keys make the random start of
-an example independent of the batch it is evaluated in.
+an example independent of the batch it is evaluated in. The shared pieces (norms, projection,
+random starts, keys) live in clead_jax/perturbation.py; AutoAttack lives in clead_jax/autoattack/.
 """
 
 from typing import Callable
@@ -17,62 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from clead_jax import losses
+from clead_jax import perturbation
+from clead_jax.perturbation import expand, project
 
-NORMS = ("linf", "l2")
-INITS = ("none", "uniform", "normal")
-
-
-def _per_example_keys(key, batch_size):
-  return jax.random.split(key, batch_size) if key.shape == () else key
-
-
-def _flat_norm(v):
-  return jnp.sqrt(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=-1))
-
-
-def _expand(v, like):
-  return v.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def random_init(key, x, epsilon, norm, init="uniform"):
-  """Starting point: x itself, uniform in the epsilon-ball, or x + 0.001 N(0, 1) (TRADES)."""
-  if init == "none":
-    return x
-  keys = _per_example_keys(key, x.shape[0])
-  if init == "normal":
-    noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(keys)
-    return jnp.clip(x + 0.001 * noise, 0.0, 1.0)
-  if norm == "linf":
-    delta = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -epsilon, epsilon))(keys)
-  else:
-    dims = x[0].size
-
-    def one(k):
-      k_dir, k_rad = jax.random.split(k)
-      direction = jax.random.normal(k_dir, x.shape[1:], x.dtype)
-      radius = epsilon * jax.random.uniform(k_rad, (), x.dtype) ** (1.0 / dims)
-      return radius * direction / jnp.maximum(jnp.linalg.norm(direction), 1e-12)
-
-    delta = jax.vmap(one)(keys)
-  return jnp.clip(x + delta, 0.0, 1.0)
-
-
-def project(x_adv, x, epsilon, norm):
-  """Projects x_adv onto the epsilon-ball around x, then onto the box [0, 1]."""
-  delta = x_adv - x
-  if norm == "linf":
-    delta = jnp.clip(delta, -epsilon, epsilon)
-  else:
-    scale = jnp.minimum(1.0, epsilon / jnp.maximum(_flat_norm(delta), 1e-12))
-    delta = delta * _expand(scale, delta)
-  return jnp.clip(x + delta, 0.0, 1.0)
-
-
-def ascent_step(x_adv, grad, step_size, norm):
-  """Steepest-ascent step for the norm: the sign for L-inf, the unit gradient for L2."""
-  if norm == "linf":
-    return x_adv + step_size * jnp.sign(grad)
-  return x_adv + step_size * grad / _expand(jnp.maximum(_flat_norm(grad), 1e-12), grad)
+NORMS = perturbation.NORMS
+# The paper's evaluation protocol (a transfer attack from a standard surrogate): PGD-3 with step
+# 3/8 epsilon (3/255 at 8/255), no random start. evaluation/transfer.py runs it.
+TRANSFER_STEPS = 3
+TRANSFER_STEP_DIVISOR = 8 / 3
 
 
 def ce_objective(logits, embedding, labels):
@@ -93,8 +46,7 @@ def pgd(apply_fn: Callable, variables, x, y, key, *, epsilon, step_size, steps, 
   more steps can never make the attack weaker (used in evaluation). `unroll` is the fori_loop's
   unroll factor (1: one compiled body; `steps`: no loop at all).
   """
-  if norm not in NORMS:
-    raise ValueError(f"norm={norm!r}; choose one of {NORMS}")
+  perturbation.check_norm(norm)
 
   def loss_and_logits(x_adv):
     logits, embedding = apply_fn(variables, x_adv)
@@ -107,39 +59,53 @@ def pgd(apply_fn: Callable, variables, x, y, key, *, epsilon, step_size, steps, 
     grad, logits = grad_fn(x_adv)
     if keep_misclassified:
       newly = (jnp.argmax(logits, axis=-1) != y) & ~fooled
-      x_best = jnp.where(_expand(newly, x_adv), x_adv, x_best)
+      x_best = jnp.where(expand(newly, x_adv), x_adv, x_best)
       fooled = fooled | newly
-    x_adv = project(ascent_step(x_adv, grad, step_size, norm), x, epsilon, norm)
+    x_adv = project(perturbation.ascent_step(x_adv, grad, step_size, norm), x, epsilon, norm)
     return x_adv, x_best, fooled
 
-  x_start = project(random_init(key, x, epsilon, norm, init), x, epsilon, norm)
+  x_start = project(perturbation.random_init(key, x, epsilon, norm, init), x, epsilon, norm)
   fooled = jnp.zeros(x.shape[0], dtype=bool)
   x_adv, x_best, fooled = jax.lax.fori_loop(0, steps, body, (x_start, x_start, fooled),
                                             unroll=min(unroll, steps))
   if keep_misclassified:
-    x_adv = jnp.where(_expand(fooled, x_adv), x_best, x_adv)
+    x_adv = jnp.where(expand(fooled, x_adv), x_best, x_adv)
   return jax.lax.stop_gradient(x_adv)
 
 
-def fgsm(apply_fn, variables, x, y, key, *, epsilon, norm="linf", objective=ce_objective, **_):
-  """Fast gradient (sign) method: one step of size epsilon from x (Goodfellow et al. 2015)."""
+def fgsm(apply_fn, variables, x, y, key, *, epsilon, norm="linf", objective=ce_objective,
+         init="none"):
+  """Fast gradient (sign) method: one step of size epsilon (Goodfellow et al. 2015), from x or,
+  with init='uniform', from a random point of the ball."""
   return pgd(apply_fn, variables, x, y, key, epsilon=epsilon, step_size=epsilon, steps=1,
-             norm=norm, init="none", objective=objective)
+             norm=norm, init=init, objective=objective)
 
 
-def fgsm_random_start(apply_fn, variables, x, y, key, *, epsilon, step_size=None, norm="linf",
-                      objective=ce_objective, **_):
+FGSM_RS_STEP = 1.25  # Wong et al. 2020: the step is 1.25 epsilon
+
+
+def fgsm_random_start(apply_fn, variables, x, y, key, *, epsilon, norm="linf",
+                      objective=ce_objective):
   """FGSM from a uniform start with step 1.25 epsilon (Wong et al. 2020, 'fast is better')."""
-  step_size = 1.25 * epsilon if step_size is None else step_size
-  return pgd(apply_fn, variables, x, y, key, epsilon=epsilon, step_size=step_size, steps=1,
-             norm=norm, init="uniform", objective=objective)
+  return pgd(apply_fn, variables, x, y, key, epsilon=epsilon, step_size=FGSM_RS_STEP * epsilon,
+             steps=1, norm=norm, init="uniform", objective=objective)
 
 
-# Training attacks by name (config.attack.name).
+# Training attacks by name (config.attack.name): attack(apply_fn, variables, x, y, key, *,
+# attack_config, init, objective) -> x_adv. `init` is the start the method asks for
+# (methods.Context derives it from attack.random_start). Only PGD takes attack.step_size and
+# attack.steps: FGSM steps by epsilon, FGSM-RS by 1.25 epsilon from a uniform start.
 TRAIN_ATTACKS = {
-    "fgsm": fgsm,
-    "fgsm_rs": fgsm_random_start,
-    "pgd": pgd,
+    "fgsm": lambda apply_fn, variables, x, y, key, *, attack_config, init, objective: fgsm(
+        apply_fn, variables, x, y, key, epsilon=attack_config.epsilon, norm=attack_config.norm,
+        objective=objective, init=init),
+    "fgsm_rs": lambda apply_fn, variables, x, y, key, *, attack_config, init, objective: (
+        fgsm_random_start(apply_fn, variables, x, y, key, epsilon=attack_config.epsilon,
+                          norm=attack_config.norm, objective=objective)),
+    "pgd": lambda apply_fn, variables, x, y, key, *, attack_config, init, objective: pgd(
+        apply_fn, variables, x, y, key, epsilon=attack_config.epsilon,
+        step_size=attack_config.step_size, steps=attack_config.steps, norm=attack_config.norm,
+        init=init, objective=objective, unroll=attack_config.unroll),
 }
 
 
@@ -166,18 +132,9 @@ EVAL_ATTACKS = {
 }
 
 
-def _autoattack(version):
-  """An AutoAttack version (clead_jax/autoattack) as one jitted attack: every stage runs on the
-  whole batch. evaluation.evaluate runs it stage by stage on the points still robust instead, and
-  reports each stage."""
-  def attack(apply_fn, variables, x, y, key, *, epsilon, norm):
-    # Imported here: clead_jax.autoattack builds on this module.
-    from clead_jax.autoattack import autoattack  # pylint: disable=g-import-not-at-top
-    return autoattack.autoattack(apply_fn, variables, x, y, key, epsilon=epsilon, norm=norm,
-                                 version=version)
-  return attack
-
-
-# AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020). The versions plus and
-# rand are evaluation names only (evaluation.parse_attack_names), run by the Runner.
-EVAL_ATTACKS["autoattack"] = _autoattack("standard")
+def transfer_pgd3(surrogate_apply_fn, surrogate_variables, x, y, key, *, epsilon, norm):
+  """The paper's protocol: PGD-3 (step 3/8 epsilon, no random start) on a surrogate network;
+  the points it makes are then shown to the defended model (a black-box transfer attack)."""
+  return pgd(surrogate_apply_fn, surrogate_variables, x, y, key, epsilon=epsilon,
+             step_size=epsilon / TRANSFER_STEP_DIVISOR, steps=TRANSFER_STEPS, norm=norm,
+             init="none", keep_misclassified=False)

@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from clead_jax import config_tools
 from clead_jax import default_config
 from clead_jax.errors import UserError
 
@@ -27,25 +28,14 @@ RESUMABLE_FIELDS = (
 )
 
 
-def _flatten(tree, prefix=""):
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + "."))
-    else:
-      flat[name] = value
-  return flat
-
-
 def config_mismatches(stored: dict, current: dict):
   """Fields, other than RESUMABLE_FIELDS, whose values differ: [(field, stored, current)].
 
   A field that the stored config lacks (one added to clead_jax after that checkpoint was
   written) matches when the current value is the field's default, which keeps the old behaviour.
   """
-  defaults = _flatten(default_config.get_base_config().to_dict())
-  stored, current = _flatten(stored), _flatten(current)
+  defaults = config_tools.flatten(default_config.get_base_config().to_dict())
+  stored, current = config_tools.flatten(stored), config_tools.flatten(current)
   differ = []
   for field in sorted(set(stored) | set(current)):
     if any(field == f or (f.endswith(".") and field.startswith(f)) for f in RESUMABLE_FIELDS):
@@ -142,19 +132,24 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
-  def restore_latest_good(self, abstract_state):
-    """The newest checkpoint that can be read, moving unreadable ones aside; (None, None) if none."""
+  def restore_latest_good(self, abstract_state, config_dict=None):
+    """The newest checkpoint that can be read, moving unreadable ones aside; (None, None) if
+    none. When every checkpoint was unreadable, says so: the run starts from step 0."""
+    set_aside = []
     for step in reversed(self.all_steps()):
       try:
         meta = self.read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        set_aside.append(self._set_aside(step, e))
         continue
-      check_same_model(meta, abstract_state, self.directory, step)
+      check_same_model(meta, abstract_state, self.directory, step, config_dict)
       try:
         return self.restore(abstract_state, step)
       except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+        set_aside.append(self._set_aside(step, e))
+    if set_aside and jax.process_index() == 0:
+      print(f"warning: no checkpoint in {self.directory} could be read (moved aside: "
+            f"{', '.join(set_aside)}); training starts again from step 0", flush=True)
     return None, None
 
   def _set_aside(self, step, error):
@@ -162,9 +157,7 @@ class Checkpointer:
     source = os.path.join(self.directory, str(step))
     target = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
     message = (f"checkpoint {source} cannot be read ({type(error).__name__}: "
-               f"{str(error).splitlines()[0][:160] if str(error) else ''}); moved to {target}, "
-               "falling back to the previous checkpoint")
-    logging.warning(message)
+               f"{_first_line(error)}); moved to {target}, falling back to the previous one")
     if jax.process_index() == 0:
       print(f"warning: {message}", flush=True)
       os.replace(source, target)
@@ -173,6 +166,7 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"clead_jax set aside checkpoint {step}")
     self.manager.reload()
+    return os.path.basename(target)
 
   def close(self):
     """Waits for the saves in flight, then releases the managers."""
@@ -191,17 +185,33 @@ def param_shapes(params):
           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def check_same_model(meta, abstract_state, directory, step):
-  """A checkpoint of another model (parameter names or shapes differ) is refused with one line."""
+def _first_line(error):
+  """The first readable line of an error, without pybind's C++ tail."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  return (lines[0] if lines else type(error).__name__).split(" [")[0][:160]
+
+
+def check_same_model(meta, abstract_state, directory, step, config_dict=None):
+  """A checkpoint of another model (parameter names or shapes differ) is refused with one line
+  that names the config fields responsible (model.*, data.name) when they differ."""
   stored = meta.get("param_shapes")
   if stored is None:
     return
   want = param_shapes(abstract_state.params)
   differ = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
-  if differ:
-    raise UserError(f"checkpoint {directory}/{step} is of a different model (parameters differ: "
-                    f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); use the "
-                    "config it was trained with, or another --workdir")
+  if not differ:
+    return
+  fields = ""
+  if config_dict is not None and "config" in meta:
+    before, now = config_tools.flatten(meta["config"]), config_tools.flatten(config_dict)
+    changed = [f"config.{f}: checkpoint {before.get(f)!r}, now {now.get(f)!r}"
+               for f in sorted(set(before) | set(now))
+               if (f.startswith("model.") or f == "data.name") and before.get(f) != now.get(f)]
+    if changed:
+      fields = "; it differs in " + ", ".join(changed[:3])
+  raise UserError(f"checkpoint {directory}/{step} is of a different model (parameters differ: "
+                  f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}){fields}; use "
+                  "the config it was trained with, or another --workdir")
 
 
 def restore_params(workdir: str, abstract_params):

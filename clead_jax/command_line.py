@@ -1,49 +1,173 @@
-"""What the entry points (main, evaluate, study) share: flag parsing and error reporting.
+"""What every command shares: flag parsing, one-line errors, stops by signal, help, the log file.
 
-Bad input is one line on stderr, `error: <cause and fix>`, and exit code 2; see errors.UserError.
+Bad input is one line on stderr, `error: <what, why, and the fix>`, and exit code 2 (see
+errors.UserError): an unknown config field (with the nearest names), a missing or unreadable
+config file, an override without --config, a missing required flag, a value of the wrong type
+or out of range. A stop by SIGINT or SIGTERM is one line too (clead_jax/stopping.py): exit 0 when
+work was kept, 130 or 143 when nothing had run yet.
+
+Library noise (absl, Orbax and TensorStore logging) goes to DIR/clead_jax.log once the command
+knows its directory; `--verbosity=0` (or higher) sends it to the terminal as well.
 """
 
 import contextlib
+import logging as python_logging
+import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from clead_jax import stopping
 from clead_jax.errors import UserError
 
+LOG_FILE = "clead_jax.log"
 
-def _fail(message):
-  print(f"error: {message}", file=sys.stderr)
+
+def fail(message):
+  print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)
 
 
+def _config_overrides(argv):
+  return [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
+
+
+def _has_config_flag(argv):
+  return any(a == "--config" or a.startswith("--config=") for a in argv)
+
+
+def _unknown_field_message(argv, missing):
+  """The override that names an unknown part, with the nearest real fields."""
+  from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
+  from clead_jax import default_config  # pylint: disable=g-import-not-at-top
+  base = default_config.get_base_config()
+  for override in _config_overrides(argv):
+    field = override.removeprefix("config.")
+    if missing in field.split("."):
+      near = config_tools.nearest_fields(field, base)
+      hint = f" (did you mean {', '.join('config.' + n for n in near)}?)" if near else ""
+      return (f"--{override}: the config has no field {missing!r}{hint}; every field and its "
+              "meaning: --help, or clead_jax/default_config.py")
+  return f"the config has no field {missing!r}; see --help or clead_jax/default_config.py"
+
+
 def parse_flags(argv):
-  """absl's parser, with a bad flag value (e.g. a config override of the wrong type) reported as
-  one line and exit code 2 instead of a usage dump."""
+  """absl's parser, with every bad flag reported as one line and exit code 2."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+      flags.FLAGS["config"].value  # pylint: disable=pointless-statement  (loads the file now)
+    return remaining
+  except flags.UnrecognizedFlagError as e:
+    name = getattr(e, "flagname", None) or str(e)
+    if name.startswith("config.") and not _has_config_flag(argv):
+      fail(f"--{name} overrides a config field, but no --config FILE was given; put --config "
+           "first, e.g. --config configs/digits.py --" + name)
+    if name.startswith("config."):
+      fail(_unknown_field_message(argv, name.split(".")[1]))
+    fail(f"unknown flag --{name}; see --help")
   except flags.Error as e:
-    _fail(f"{e}; pass a value of the flag's type (config fields: clead_jax/default_config.py)")
+    text = str(e)
+    if "Error whilst parsing config file" in text:
+      cause = [l.strip() for l in text.splitlines() if l.strip()][-1]
+      fail(f"{text.splitlines()[0].rstrip(':').split(': Error')[0]}: the config file failed to "
+           f"load ({cause}); check the file and the argument after ':'")
+    fail(f"{text.splitlines()[0]}; pass a value of the field's type (see --help)")
+  except (KeyError, AttributeError) as e:
+    match = re.search(r"'([^'\\]+)'", str(e))
+    fail(_unknown_field_message(argv, match.group(1) if match else str(e)))
+  except OSError as e:
+    text = str(e)
+    path = re.search(r"Attempted \[[^]]*\]:\s*(\S+)", text)
+    what = path.group(1) if path else "the config file"
+    reason = re.search(r"\[Errno \d+\] ([^:']+)", text)
+    fail(f"--config {what}: {reason.group(1).lower() if reason else 'cannot be read'}; pass the "
+         "path of a config file, e.g. configs/digits.py")
+  return None
 
 
-def start(argv):
-  """Checks that no stray arguments follow the flags, and keeps Orbax's INFO lines out of the
-  progress bars unless --verbosity asks for them."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def require(*names):
+  """Required flags, checked after parsing with one line each (absl's message is cryptic)."""
+  for name in names:
+    if flags.FLAGS[name].value is None:
+      fail(f"--{name} is required: {flags.FLAGS[name].help}")
+
+
+def start(argv, positional=0):
+  """No stray arguments after the flags; absl and Orbax INFO lines stay off the terminal unless
+  --verbosity asks for them."""
+  if len(argv) > 1 + positional:
+    fail(f"unexpected arguments {argv[1 + positional:]}; see --help")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    logging.set_stderrthreshold(logging.FATAL)
+
+
+class _DirectoryLog(python_logging.Handler):
+  """Appends to DIR/clead_jax.log once DIR exists (the command creates it when the work starts,
+  so bad input leaves no directory behind); records before that wait in memory."""
+
+  def __init__(self, directory):
+    super().__init__()
+    self.path = os.path.join(directory, LOG_FILE)
+    self.waiting = []
+    self.file = None
+
+  def emit(self, record):
+    try:
+      if self.file is None:
+        if not os.path.isdir(os.path.dirname(self.path) or "."):
+          self.waiting = (self.waiting + [self.format(record)])[-1000:]
+          return
+        self.file = open(self.path, "a")  # pylint: disable=consider-using-with
+        for line in self.waiting:
+          self.file.write(line + "\n")
+        self.waiting = []
+      self.file.write(self.format(record) + "\n")
+      self.file.flush()
+    except OSError:
+      pass  # the command reports an unwritable directory itself
+
+  def close(self):
+    if self.file is not None:
+      self.file.close()
+    super().close()
+
+
+def log_to(directory):
+  """absl/Python logging of this process to DIR/clead_jax.log."""
+  handler = _DirectoryLog(directory)
+  handler.setFormatter(python_logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+  python_logging.getLogger().addHandler(handler)
+  if not flags.FLAGS["verbosity"].present:
+    python_logging.getLogger().setLevel(python_logging.WARNING)
 
 
 @contextlib.contextmanager
 def user_errors_as_one_line():
-  """A UserError raised inside becomes `error: <message>` on stderr and exit code 2."""
+  """A UserError raised inside becomes `error: <message>` on stderr and exit code 2; a stop
+  (stopping.Stopped) its one line and exit code."""
   try:
     yield
   except UserError as e:
-    _fail(e)
+    fail(e)
+  except stopping.Stopped as stopped:
+    stopping.report_and_exit(stopped)
 
 
-def run(main):
+def run(main, define_flags, usage=None):
+  """Defines the command's flags, installs the signal handling (before JAX is imported), and
+  runs main(argv) with one-line errors. `usage`: the text --help prints first."""
+  stopping.install()
+  # TensorFlow (only TFDS uses it) logs start-up lines on stderr unless told not to.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  define_flags()
+  if usage is not None and any(a in ("--help", "-h", "--helpshort", "--helpfull")
+                               for a in sys.argv[1:]):
+    from clead_jax import help_text  # pylint: disable=g-import-not-at-top
+    print(help_text.render(usage, flags.FLAGS))
+    sys.exit(0)
   app.run(main, flags_parser=parse_flags)

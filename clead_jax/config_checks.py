@@ -2,12 +2,12 @@
 field, what is wrong and how to fix it."""
 
 from clead_jax import attacks
-from clead_jax import evaluation
 from clead_jax import input_pipeline
 from clead_jax import losses
+from clead_jax import methods
 from clead_jax import models
-from clead_jax import objectives
 from clead_jax.errors import UserError
+from clead_jax.evaluation import suite
 
 
 def _choice(config, field, choices):
@@ -27,7 +27,7 @@ def _at_least(value, bound, field, strict=False):
 
 
 def validate(config):
-  _choice(config, "method", objectives.METHODS)
+  _choice(config, "method", methods.METHODS)
   _choice(config, "data.name", input_pipeline.DATASETS)
   _choice(config, "model.name", models.MODELS)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
@@ -66,6 +66,23 @@ def validate(config):
   if config.model.name == "wide_resnet" and (config.model.depth - 4) % 6:
     raise UserError(f"config.model.depth={config.model.depth}: WideResNet depth must be 6n+4 "
                     "(e.g. 28 or 34); set --config.model.depth")
-  evaluation.parse_attack_names(config.eval.attacks)
+  _at_least(config.eval.during_train_examples, 1, "eval.during_train_examples")
+  _at_least(config.data.validation_size, 0, "data.validation_size")
+  if config.data.train_size != -1:
+    _at_least(config.data.train_size, 1, "data.train_size")
+  if config.eval.num_examples != -1:
+    _at_least(config.eval.num_examples, 1, "eval.num_examples")
+  if config.attack.name == "fgsm_rs" and not config.attack.random_start:
+    raise UserError("config.attack.name='fgsm_rs' is FGSM from a random start, but "
+                    "config.attack.random_start=False; use attack.name=fgsm for FGSM from x")
+  if config.train.eval_every and not config.data.validation_size:
+    raise UserError(f"config.train.eval_every={config.train.eval_every} evaluates on a validation "
+                    "split, and config.data.validation_size=0 holds none out; set "
+                    "--config.data.validation_size=N (the last N training images), or "
+                    "eval_every=0")
+  names = suite.parse_attack_names(config.eval.attacks)
+  if any(name in suite.TRANSFER_ATTACKS for name in names) and not config.eval.surrogate:
+    raise UserError("config.eval.attacks has transfer_pgd3, which needs config.eval.surrogate: "
+                    "the workdir of a standard run on the same data")
   if config.eval.curve_points:
-    _choice(config, "eval.curve_attack", attacks.EVAL_ATTACKS)
+    _choice(config, "eval.curve_attack", suite.WHITE_BOX_ATTACKS)

@@ -6,20 +6,25 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # One of: standard, pgd_at, trades, clead (clead_jax/objectives.py METHODS).
+  # One of: standard, pgd_at, trades, clead (clead_jax/methods.py METHODS).
   config.method = "clead"
   # JAX's persistent compilation cache; "" turns it off.
   config.compilation_cache_dir = "~/.cache/clead_jax/xla"
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "digits"  # digits, cifar10, cifar100, svhn_cropped
+  config.data.name = "digits"  # digits, fashion_mnist, cifar10, cifar100, svhn_cropped
   config.data.data_dir = ""  # TFDS data_dir; empty means TFDS's default (~/tensorflow_datasets)
   config.data.download = True  # let TFDS download and prepare a missing dataset
   config.data.augment = False  # random crop (pad 4) and horizontal flip, on the device
+  # Training images held out (from the end of the training split) as the validation split, on
+  # which train.eval_every evaluates and the best checkpoint is chosen; 0: no validation split.
+  config.data.validation_size = 0
+  config.data.train_size = -1  # the first N of the remaining training images; -1: all
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "small_cnn"  # small_cnn, resnet18, preact_resnet18, wide_resnet
-  config.model.width = 32  # base width (small_cnn, resnets)
+  # small_cnn (digits), mnist_cnn (TRADES' SmallCNN), resnet18, preact_resnet18, wide_resnet
+  config.model.name = "small_cnn"
+  config.model.width = 32  # base width (small_cnn, mnist_cnn, resnets)
   config.model.depth = 28  # wide_resnet only
   config.model.widen = 10  # wide_resnet only
   config.model.projection_dim = 128
@@ -29,9 +34,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.attack = ml_collections.ConfigDict()
   config.attack.norm = "linf"  # linf or l2
   config.attack.epsilon = 0.2
-  config.attack.name = "pgd"  # fgsm, fgsm_rs, pgd
-  config.attack.steps = 10
-  config.attack.step_size = 0.05
+  # pgd; fgsm (one step of epsilon); fgsm_rs (one step of 1.25 epsilon from a random start)
+  config.attack.name = "pgd"
+  config.attack.steps = 10  # pgd only
+  config.attack.step_size = 0.05  # pgd only
+  # Start from a uniform point of the ball (pgd, fgsm; fgsm_rs always does) or, for trades,
+  # from x + 0.001 N(0, 1); False: from x.
   config.attack.random_start = True
   # PGD's lax.fori_loop unroll factor: 1 compiles one loop body (fastest compile); attack.steps
   # unrolls the loop fully. See BENCHMARKS.md for what each costs.
@@ -45,6 +53,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.clean_weight = 1.0  # weight of CE on clean images in C-LEAD
   config.loss.positives = "pair"  # pair, class (SupCon), instance
   config.loss.trades_beta = 6.0
+  # TRADES: one joint forward pass of clean and adversarial images instead of the reference's two
+  # separate train-mode passes (each with its own BatchNorm batch statistics).
+  config.loss.trades_joint_pass = False
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, over all devices of all processes
@@ -62,13 +73,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.log_every = 20
   config.train.checkpoint_every = 200
   config.train.keep_checkpoints = 3
-  config.train.eval_every = 0  # epochs between evaluations during training; 0: only at the end
+  # Epochs between evaluations on the validation split (needs data.validation_size > 0); the best
+  # checkpoint by PGD-20 accuracy there is kept in DIR/best_checkpoint. 0: only the final one.
+  config.train.eval_every = 0
 
   config.eval = ml_collections.ConfigDict()
+  # fgsm, pgd20, pgd100, cw, autoattack (standard), autoattack_plus, autoattack_rand, and the
+  # paper's black-box protocol transfer_pgd3 (needs eval.surrogate).
   config.eval.attacks = "fgsm,pgd20,pgd100,cw"
   config.eval.batch_size = 512
-  config.eval.num_examples = -1  # -1: the whole test split
+  config.eval.num_examples = -1  # the first N test images; -1: the whole test split
   config.eval.curve_points = 9  # robustness curve: epsilon from 0 to 2 epsilon
   config.eval.curve_attack = "pgd20"
-  config.eval.during_train_examples = 512  # test examples used by eval_every
+  config.eval.during_train_examples = 512  # validation examples that eval_every evaluates on
+  # Workdir of a standard run on the same data: the surrogate of transfer_pgd3.
+  config.eval.surrogate = ""
   return config

@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import os
 import socket
+import sys
 from typing import Callable, Iterator
 
 import jax
@@ -26,6 +27,7 @@ DIGITS_TEST_SIZE = 360
 # Hosts TFDS downloads each dataset from; probed before a download so that an offline machine
 # gets one clear message instead of minutes of retries.
 _DOWNLOAD_HOSTS = {
+    "fashion_mnist": "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
     "cifar10": "www.cs.toronto.edu",
     "cifar100": "www.cs.toronto.edu",
     "svhn_cropped": "ufldl.stanford.edu",
@@ -33,6 +35,7 @@ _DOWNLOAD_HOSTS = {
 
 # Per-channel mean/std used by the model's first layer.
 _STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
@@ -41,7 +44,12 @@ _STATS = {
 
 @dataclasses.dataclass
 class Dataset:
-  """A whole dataset in host memory. Images are NHWC, uint8 in [0, 255] or float32 in [0, 1]."""
+  """A whole dataset in host memory. Images are NHWC, uint8 in [0, 255] or float32 in [0, 1].
+
+  The validation split is held out from the end of the training split (config.data.
+  validation_size); it is what training evaluates on and picks a best checkpoint by, so that no
+  test image takes part in training or selection.
+  """
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -50,6 +58,8 @@ class Dataset:
   num_classes: int
   mean: tuple
   std: tuple
+  validation_images: np.ndarray = None
+  validation_labels: np.ndarray = None
 
   @property
   def image_shape(self):
@@ -77,27 +87,69 @@ def _host_reachable(host, timeout=5.0):
     return False
 
 
+def _supply(name, where):
+  """How to get a missing dataset: copy a prepared one, or (offline) prepare it from files."""
+  routes = (f"copy a prepared '{name}' TFDS dataset into {where} or point --config.data.data_dir "
+            "at a directory holding one")
+  if name in OFFLINE_SOURCES:
+    routes += (f"; or, offline, `python -m clead_jax.prepare {name} --data_dir {where}` "
+               f"({OFFLINE_SOURCES[name]})")
+  return routes
+
+
+# Datasets `python -m clead_jax.prepare` builds without network, and from what.
+OFFLINE_SOURCES = {
+    "fashion_mnist": "from the four original IDX files, e.g. Debian's package "
+                     "dataset-fashion-mnist: apt-get install dataset-fashion-mnist",
+}
+
+
+def import_tfds():
+  """tensorflow_datasets, imported with TensorFlow's start-up lines (C++ logging, written to
+  file descriptor 2 before any Python logging is set up) kept off the terminal; TFDS's notices
+  ("no dataset_info.json" and the like) go to the log file only."""
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved = os.dup(2)
+    try:
+      with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+  return tfds
+
+
+def tfds_builder(name, data_dir):
+  return import_tfds().builder(name, data_dir=data_dir or None)
+
+
 def load_tfds(name: str, data_config) -> Dataset:
   """Loads a TFDS image-classification dataset whole into host memory."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = data_config.data_dir or None
-  builder = tfds.builder(name, data_dir=data_dir)
+  tfds = import_tfds()
+  builder = tfds_builder(name, data_config.data_dir)
   if not builder.is_prepared():
     where = os.path.dirname(os.path.dirname(builder.data_dir))
-    supply = (f"copy a prepared '{name}' TFDS dataset into {where} or point "
-              f"--config.data.data_dir at a directory holding one")
     if not data_config.download:
       raise UserError(f"dataset {name!r} is not prepared in {where} and config.data.download is "
-                      f"False; {supply}")
+                      f"False; download it with --config.data.download=True (internet needed), "
+                      f"or {_supply(name, where)}")
     host = _DOWNLOAD_HOSTS.get(name)
     if host and not _host_reachable(host):
       raise UserError(f"dataset {name!r} is not prepared in {where} and its source {host} cannot "
-                      f"be reached (offline?); run once on a machine with internet, or {supply}")
+                      f"be reached (offline?); run once on a machine with internet, or "
+                      f"{_supply(name, where)}")
     try:
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"dataset {name!r} could not be downloaded into {where} "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); {supply}") from e
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"{_supply(name, where)}") from e
   splits = tfds.as_numpy(builder.as_dataset(split=["train", "test"], batch_size=-1,
                                             shuffle_files=False))
   (train, test) = splits
@@ -110,6 +162,7 @@ def load_tfds(name: str, data_config) -> Dataset:
 # The dataset registry: config.data.name -> loader(data_config).
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits,
+    "fashion_mnist": lambda dc: load_tfds("fashion_mnist", dc),
     "cifar10": lambda dc: load_tfds("cifar10", dc),
     "cifar100": lambda dc: load_tfds("cifar100", dc),
     "svhn_cropped": lambda dc: load_tfds("svhn_cropped", dc),
@@ -117,10 +170,29 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 
 def load_dataset(data_config) -> Dataset:
+  """The dataset, with the validation split held out and the training split cut as configured."""
   if data_config.name not in DATASETS:
     raise UserError(f"config.data.name={data_config.name!r} is unknown; "
                     f"choose one of {sorted(DATASETS)}")
-  return DATASETS[data_config.name](data_config)
+  return split_validation(DATASETS[data_config.name](data_config),
+                          data_config.get("validation_size", 0), data_config.get("train_size", -1))
+
+
+def split_validation(dataset: Dataset, validation_size: int, train_size: int = -1) -> Dataset:
+  """The last `validation_size` training examples become the validation split; then the first
+  `train_size` of the rest (-1: all) are the training split."""
+  total = len(dataset.train_labels)
+  if validation_size >= total:
+    raise UserError(f"config.data.validation_size={validation_size} leaves no training example "
+                    f"of the {total}; lower it")
+  keep = total - validation_size
+  if train_size > keep:
+    raise UserError(f"config.data.train_size={train_size} exceeds the {keep} training examples "
+                    f"left after the validation split; lower it or set -1 for all")
+  end = keep if train_size < 0 else train_size
+  return dataclasses.replace(
+      dataset, train_images=dataset.train_images[:end], train_labels=dataset.train_labels[:end],
+      validation_images=dataset.train_images[keep:], validation_labels=dataset.train_labels[keep:])
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:

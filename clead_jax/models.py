@@ -136,7 +136,7 @@ class Conv(nn.Module):
 
 
 class SmallCNN(nn.Module):
-  """Two conv blocks and a dense layer: the digits model (8x8 inputs)."""
+  """Two conv blocks (BatchNorm) and a dense layer: the digits model (8x8 inputs)."""
   num_classes: int
   mean: Sequence[float]
   std: Sequence[float]
@@ -155,6 +155,37 @@ class SmallCNN(nn.Module):
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     features = nn.relu(norm()(nn.Dense(4 * self.width, use_bias=False, dtype=self.dtype)(x)))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype)(features)
+    return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
+class MnistCNN(nn.Module):
+  """TRADES' SmallCNN for 28x28 MNIST-family images (Zhang et al. 2019, models/small_cnn.py):
+  3x3 convolutions of w, w, 2w, 2w channels (unpadded, with bias, ReLU), a 2x2 max-pool after
+  the second and the fourth, then dense layers of d and d units and the classifier; w = width
+  (32 in the paper) and d = 200 w / 32. No BatchNorm, as in the paper; its dropout (0.5 after the
+  first dense layer) is left out, so that the network is deterministic in training too."""
+  num_classes: int
+  mean: Sequence[float]
+  std: Sequence[float]
+  width: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train  # no BatchNorm, no dropout
+    x = _normalise(x, self.mean, self.std).astype(self.dtype)
+    conv = functools.partial(Conv, kernel_size=(3, 3), padding="VALID", dtype=self.dtype)
+    for features in (self.width, self.width):
+      x = nn.relu(conv(features)(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    for features in (2 * self.width, 2 * self.width):
+      x = nn.relu(conv(features)(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    dense = max(1, round(200 * self.width / 32))
+    x = nn.relu(nn.Dense(dense, dtype=self.dtype)(x))
+    features = nn.relu(nn.Dense(dense, dtype=self.dtype)(x))
     logits = nn.Dense(self.num_classes, dtype=self.dtype)(features)
     return logits.astype(jnp.float32), features.astype(jnp.float32)
 
@@ -293,6 +324,7 @@ def _wide_resnet(depth, widen, **kw):
 # The model registry: config.model.name -> builder(model_config, common kwargs).
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda mc, **kw: SmallCNN(width=mc.width, **kw),
+    "mnist_cnn": lambda mc, **kw: MnistCNN(width=mc.width, **kw),
     "resnet18": lambda mc, **kw: _resnet18(width=mc.width, **kw),
     "preact_resnet18": lambda mc, **kw: _preact_resnet18(width=mc.width, **kw),
     "wide_resnet": lambda mc, **kw: _wide_resnet(mc.depth, mc.widen, **kw),
@@ -308,3 +340,13 @@ def build_network(model_config, num_classes, mean, std) -> Network:
   backbone = MODELS[model_config.name](model_config, num_classes=num_classes, mean=tuple(mean),
                                        std=tuple(std), dtype=dtype)
   return Network(backbone=backbone, projection_dim=model_config.projection_dim)
+
+
+def in_float32(network: Network) -> Network:
+  """The same network computing in float32 (evaluation: attack gradients in bfloat16 are too
+  coarse to trust). Parameters are float32 in either case, so the variables fit both. Anything
+  that is not a Network (a test's linear model) is returned as it is."""
+  backbone = getattr(network, "backbone", None)
+  if backbone is None or getattr(backbone, "dtype", jnp.float32) == jnp.float32:
+    return network
+  return network.clone(backbone=network.backbone.clone(dtype=jnp.float32))

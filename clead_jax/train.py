@@ -1,18 +1,21 @@
-"""The trainer: train_and_evaluate(config, workdir).
+"""The trainer: train_and_evaluate(config, workdir), which reads as its table of contents:
 
-Sections, in order: setup (mesh, batch sizes), input, model and optimizer, checkpoint and
-resume, the update step, the loop (logging, checkpoints, evaluations), final evaluation.
+  setup            the mesh, the dataset and the model (train_state.py);
+  restore_or_init  the latest good checkpoint of the workdir, or a fresh state;
+  compile_steps    the jitted update steps, compiled ahead of time;
+  train_loop       steps, logging, checkpoints, evaluations on the validation split, stops;
+  final evaluation evaluation/workdir.py's evaluate_state, as the evaluate command runs it.
+
+A stop (SIGINT/SIGTERM, clead_jax/stopping.py) is honoured at every phase: before the first step
+nothing is saved (Stopped with nothing_ran); in the loop the current step is checkpointed; in the
+final evaluation the finished attacks stay in the report and AutoAttack keeps its progress.
 """
 
 import contextlib
 import json
 import os
-import signal
-import threading
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,75 +24,20 @@ from tqdm import tqdm
 
 from clead_jax import checkpointing
 from clead_jax import config_checks
-from clead_jax import evaluation
+from clead_jax import config_tools
 from clead_jax import input_pipeline
+from clead_jax import methods
 from clead_jax import metric_logging
-from clead_jax import models
-from clead_jax import objectives
 from clead_jax import parallel
 from clead_jax import report as report_lib
+from clead_jax import stopping
+from clead_jax import train_state
 from clead_jax.errors import UserError
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jnp.ndarray
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jnp.ndarray  # raw uint32 key data, so that checkpoints hold plain arrays
-
-
-# --- model and optimizer ---------------------------------------------------------------------------
-
-def make_schedule(train_config, total_steps, steps_per_epoch):
-  lr = train_config.learning_rate
-  if train_config.schedule == "constant":
-    return optax.constant_schedule(lr)
-  if train_config.schedule == "piecewise":
-    boundaries = {int(b * total_steps): 0.1 for b in train_config.piecewise_boundaries}
-    return optax.piecewise_constant_schedule(lr, boundaries)
-  warmup = min(train_config.warmup_epochs * steps_per_epoch, total_steps - 1)
-  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, end_value=0.0)
-
-
-def make_optimizer(train_config, schedule):
-  if train_config.optimizer == "adam":
-    return optax.adamw(schedule, weight_decay=train_config.weight_decay)
-  return optax.chain(
-      optax.add_decayed_weights(train_config.weight_decay),
-      optax.sgd(schedule, momentum=train_config.momentum, nesterov=train_config.nesterov))
-
-
-def create_train_state(network, tx, image_shape, seed):
-  """Initial state. Pure, so that jax.eval_shape gives its shapes without allocating."""
-  key = jax.random.PRNGKey(seed)
-  init_key, train_key = jax.random.split(key)
-  variables = network.init(init_key, jnp.zeros((2,) + tuple(image_shape), jnp.float32), train=False)
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), rng=train_key)
-
-
-def init_state(network, tx, image_shape, seed, mesh):
-  """The initial state, made directly on the devices, replicated."""
-  init = lambda: create_train_state(network, tx, image_shape, seed)
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))()
-
-
-def build(config, dataset):
-  """The network, schedule and optimizer for a config and its dataset."""
-  network = models.build_network(config.model, dataset.num_classes, dataset.mean, dataset.std)
-  per_epoch = input_pipeline.steps_per_epoch(len(dataset.train_labels), config.train.batch_size)
-  if per_epoch == 0:
-    raise UserError(f"config.train.batch_size={config.train.batch_size} exceeds the "
-                    f"{len(dataset.train_labels)} training examples; lower it")
-  total_steps = config.train.epochs * per_epoch
-  schedule = make_schedule(config.train, total_steps, per_epoch)
-  return network, schedule, make_optimizer(config.train, schedule), per_epoch, total_steps
-
+from clead_jax.evaluation import suite
+from clead_jax.evaluation import workdir as workdir_lib
 
 # --- the update step ------------------------------------------------------------------------------
+
 
 def make_train_step(ctx, method, tx, schedule):
   """train_step(state, batch) -> (state, metrics) for one method; pure, to be jitted."""
@@ -150,40 +98,7 @@ def enable_compilation_cache(directory: str):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-class StopRequest:
-  """SIGTERM/SIGINT ask the loop to checkpoint at the next step boundary and exit cleanly."""
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal_name = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def requested(self, step):
-    """Whether to stop after `step`. With several processes, the answer is the same on all of
-    them: each step they share their flags (one small all-gather), so a signal that reaches one
-    process, or reaches them at different steps, stops them all after the same step instead of
-    leaving the others waiting in a collective. JAX's preemption sync point is asked too, for
-    preemption notices that come through its coordination service."""
-    local = self.signal_name is not None
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.array([local]))
-    return bool(np.any(flags)) or multihost_utils.reached_preemption_sync_point(step)
-
+# --- the workdir ------------------------------------------------------------------------------------
 
 def _truncate_metrics(workdir, step):
   """On resume, drops metric lines logged after the checkpoint: they will be logged again."""
@@ -195,15 +110,6 @@ def _truncate_metrics(workdir, step):
   with open(path + ".tmp", "w") as f:
     f.writelines(kept)
   os.replace(path + ".tmp", path)
-
-
-@contextlib.contextmanager
-def _closing(progress):
-  """Closes the progress bar before an error is printed, so the error starts its own line."""
-  try:
-    yield
-  finally:
-    progress.close()
 
 
 def _prepare_workdir(workdir):
@@ -219,174 +125,232 @@ def _prepare_workdir(workdir):
                     "choose a directory you can write to") from e
 
 
+def _say(text):
+  if jax.process_index() == 0:
+    print(f"clead_jax: {text}", flush=True)
+
+
+def restore_or_init(config, workdir, model, mesh, checkpointer):
+  """(state, meta): the latest good checkpoint of the workdir, or a fresh state (meta None).
+
+  A checkpoint of a config that differs in a field that changes the run is refused with one
+  line; config.train.init_from starts a fresh run from another run's parameters.
+  """
+  abstract = train_state.abstract_state(model, config.seed, mesh)
+  config_dict = json.loads(config.to_json_best_effort())
+  state, meta = checkpointer.restore_latest_good(abstract, config_dict)
+  if state is not None:
+    differ = checkpointing.config_mismatches(meta["config"], config_dict)
+    if differ:
+      raise UserError(
+          f"the config differs from the one {workdir} was trained with in " + "; ".join(
+              f"config.{f}: checkpoint {a!r}, now {b!r}" for f, a, b in differ[:4])
+          + "; use the same values to resume, or another --workdir for a new run")
+    _say(f"resuming from step {int(state.step)} in {checkpointer.directory}")
+    if jax.process_index() == 0:
+      _truncate_metrics(workdir, int(state.step))
+    return state, meta
+  state = train_state.init_state(model, config.seed, mesh)
+  if config.train.init_from:
+    replicated = parallel.replicated(mesh)
+    params, batch_stats = checkpointing.restore_params(config.train.init_from, abstract.params)
+    state = state.replace(params=jax.device_put(params, replicated),
+                          batch_stats=jax.device_put(batch_stats, replicated),
+                          opt_state=jax.jit(model.tx.init, out_shardings=replicated)(params))
+  return state, None
+
+
+def compile_steps(config, model, state, dataset, mesh):
+  """{method name: compiled step} (clean pretraining, then the method) and their compile times."""
+  pretrain = config.train.pretrain_epochs > 0
+  steps, compile_s = {}, {}
+  batch_shape = (config.train.batch_size,) + tuple(dataset.image_shape)
+  ctx = methods.Context(model.network, config)
+  for name in sorted({"standard" if pretrain else config.method, config.method}):
+    jitted = jit_train_step(make_train_step(ctx, methods.METHODS[name], model.tx, model.schedule),
+                            mesh)
+    steps[name], compile_s[name] = compile_step(jitted, state, batch_shape,
+                                                dataset.train_images.dtype, mesh)
+  _say("compiled train step in " + ", ".join(f"{k}: {v:.1f} s" for k, v in compile_s.items()))
+  return steps, compile_s
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+class _Saver:
+  """Saves checkpoints with their metadata; the train time adds up over resumed runs."""
+
+  def __init__(self, config, checkpointer, abstract_params, per_epoch, train_time_before):
+    self.config_dict = json.loads(config.to_json_best_effort())
+    self.checkpointer = checkpointer
+    self.shapes = checkpointing.param_shapes(abstract_params)
+    self.per_epoch = per_epoch
+    self.train_time_before = train_time_before
+    self.started = time.time()
+    self.last_saved = None
+
+  def train_time(self):
+    return self.train_time_before + time.time() - self.started
+
+  def save(self, state, best_metrics=None):
+    step = int(state.step)
+    if best_metrics is None and step == self.last_saved:
+      return
+    meta = {"config": self.config_dict, "param_shapes": self.shapes,
+            "train_time_s": self.train_time(),
+            "data": {"seed": self.config_dict["seed"], "next_step": step,
+                     "epoch": step // self.per_epoch, "batch_in_epoch": step % self.per_epoch}}
+    self.checkpointer.save(step, state, meta, metrics=best_metrics,
+                           best=best_metrics is not None)
+    if best_metrics is None:
+      self.last_saved = step
+
+
+def _check_finite(pending, done, checkpointer):
+  for offset, m in enumerate(pending):
+    if not np.isfinite(m["loss"]):
+      latest = checkpointer.latest_step()
+      kept = (f"the last good checkpoint (step {latest}) is kept" if latest is not None
+              else "no checkpoint was saved yet")
+      raise UserError(
+          f"non-finite loss at step {done - len(pending) + offset + 1}: " + ", ".join(
+              f"{k}={float(v):.4g}" for k, v in sorted(m.items()))
+          + f"; stopped, {kept}; lower config.train.learning_rate or check the data")
+
+
+def train_loop(config, workdir, model, state, steps, dataset, mesh, checkpointer, saver):
+  """Trains from state.step to the end; returns the final state. Raises stopping.Stopped after
+  checkpointing the current step when a stop is requested."""
+  is_writer = jax.process_index() == 0
+  pretrain_steps = config.train.pretrain_epochs * model.steps_per_epoch
+  total_steps = model.total_steps
+  start_step = int(state.step)
+  batches = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed,
+                                         start_step, parallel.batch_sharding(mesh))
+  eval_steps = config.train.eval_every * model.steps_per_epoch
+  evaluator = suite.Evaluator(model.network, mesh, config.attack.norm, config.eval.batch_size,
+                              config.seed) if eval_steps else None
+  writer = metric_logging.MetricWriter(workdir, enabled=is_writer)
+  log_start, log_step, pending = time.time(), start_step, []
+  progress = tqdm(total=total_steps, initial=start_step, disable=not is_writer, desc="train",
+                  dynamic_ncols=True)
+  with contextlib.closing(writer), contextlib.closing(progress):
+    for step in range(start_step, total_steps):
+      method = "standard" if step < pretrain_steps else config.method
+      state, metrics = steps[method](state, next(batches))
+      pending.append(metrics)
+      done = step + 1
+      stopping_now = stopping.requested_at_step(done)
+      is_log = done % config.train.log_every == 0 or done == total_steps
+      is_checkpoint = (done % config.train.checkpoint_every == 0 or done == total_steps
+                       or stopping_now)
+      if is_log or is_checkpoint:
+        pending = [jax.device_get(m) for m in pending]
+        _check_finite(pending, done, checkpointer)
+      if is_log:
+        keys = sorted({k for m in pending for k in m})  # keys change when pretraining ends
+        means = {k: float(np.mean([m[k] for m in pending if k in m])) for k in keys}
+        means["images_per_s"] = ((done - log_step) * config.train.batch_size
+                                 / max(time.time() - log_start, 1e-9))
+        means["epoch"] = done / model.steps_per_epoch
+        writer.write(done, means)
+        progress.set_postfix({k: f"{means[k]:.3f}" for k in
+                              ("loss", "clean_accuracy", "adv_accuracy") if k in means})
+        log_start, log_step, pending = time.time(), done, []
+      if is_checkpoint:
+        if not _all_finite(state.params):
+          latest = checkpointer.latest_step()
+          raise UserError(f"non-finite parameters after step {done}; stopped, "
+                          + (f"the last good checkpoint (step {latest}) is kept"
+                             if latest is not None else "no checkpoint was saved yet")
+                          + "; lower config.train.learning_rate")
+        saver.save(state)
+      progress.update(1)
+      if eval_steps and done % eval_steps == 0 and done != total_steps and not stopping_now:
+        try:
+          saver.save(state, best_metrics=validation_metrics(config, evaluator, state, dataset,
+                                                            writer))
+        except stopping.Stopped:  # during the validation: keep the step, then stop
+          saver.save(state)
+          stopping_now = True
+      if stopping_now:
+        checkpointer.wait()
+        raise stopping.Stopped(
+            stopping.signal_name() or "a preemption notice (SIGTERM to one of the processes)",
+            f"checkpoint saved at step {done} in {checkpointer.directory}/{done}; run the same "
+            "command to resume")
+  checkpointer.wait()
+  return state
+
+
+def validation_metrics(config, evaluator, state, dataset, writer):
+  """Clean and PGD-20 accuracy on the validation split (never a test image); logged."""
+  n = config.eval.during_train_examples
+  images, labels = dataset.validation_images[:n], dataset.validation_labels[:n]
+  clean = evaluator.accuracy(state.variables, images, labels, "clean", 0.0)
+  robust = evaluator.accuracy(state.variables, images, labels, "pgd20", config.attack.epsilon)
+  metrics = {"clean_accuracy": clean, "pgd20_accuracy": robust}
+  writer.write(int(state.step), {f"validation/{k}": v for k, v in metrics.items()})
+  return metrics
+
+
 # --- the whole run --------------------------------------------------------------------------------
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains config.method, evaluates it, writes DIR/report.*; resumes from DIR's checkpoints.
 
-  Returns the report, or {"stopped_at": step} when SIGTERM/SIGINT stopped the run.
+  Returns the report. Raises stopping.Stopped when a stop was requested (what was kept is in its
+  message), UserError for bad input.
   """
+  # Setup: the mesh, the dataset and the model.
   config_checks.validate(config)
-  is_writer = jax.process_index() == 0
   enable_compilation_cache(config.compilation_cache_dir)
-
-  # Setup: the mesh and the batch sizes.
   mesh = parallel.make_mesh()
   per_device = parallel.check_global_batch(config.train.batch_size)
-  if is_writer:
-    print(f"clead_jax: {jax.process_count()} process(es), {jax.device_count()} device(s) "
-          f"({jax.devices()[0].platform}); global batch {config.train.batch_size}, "
-          f"per-device batch {per_device}", flush=True)
-
-  # Input.
+  _say(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
+       f"({jax.devices()[0].platform}); global batch {config.train.batch_size}, per-device batch "
+       f"{per_device}")
   dataset = input_pipeline.load_dataset(config.data)
-  network, schedule, tx, per_epoch, total_steps = build(config, dataset)
-  pretrain_steps = config.train.pretrain_epochs * per_epoch
-
-  # Model and optimizer state: shapes from eval_shape, arrays made on the devices.
-  replicated = parallel.replicated(mesh)
-  abstract_state = jax.eval_shape(
-      lambda: create_train_state(network, tx, dataset.image_shape, config.seed))
-  abstract_state = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
-
-  # Checkpoint and resume.
+  model = train_state.build(config, dataset)
   _prepare_workdir(workdir)
+
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-  with contextlib.ExitStack() as cleanup:
-    cleanup.callback(checkpointer.close)  # waits for saves in flight, also on an error
-    config_dict = json.loads(config.to_json_best_effort())
-    state, meta = checkpointer.restore_latest_good(abstract_state)
-    if state is not None:
-      differ = checkpointing.config_mismatches(meta["config"], config_dict)
-      if differ:
-        raise UserError(
-            f"the config differs from the one {workdir} was trained with in " + "; ".join(
-                f"config.{f}: checkpoint {a!r}, now {b!r}" for f, a, b in differ[:4])
-            + "; use the same values to resume, or another --workdir for a new run")
-      if is_writer:
-        print(f"clead_jax: resuming from step {int(state.step)} in {checkpointer.directory}",
-              flush=True)
-        _truncate_metrics(workdir, int(state.step))
-    else:
-      state = init_state(network, tx, dataset.image_shape, config.seed, mesh)
-      if config.train.init_from:
-        params, batch_stats = checkpointing.restore_params(config.train.init_from,
-                                                           abstract_state.params)
-        state = state.replace(params=jax.device_put(params, replicated),
-                              batch_stats=jax.device_put(batch_stats, replicated),
-                              opt_state=jax.jit(tx.init, out_shardings=replicated)(params))
-    if is_writer:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(sort_keys=True, indent=2) + "\n")
-    shapes = checkpointing.param_shapes(abstract_state.params)
+  with contextlib.closing(checkpointer):  # waits for saves in flight, also on an error
+    state, meta = restore_or_init(config, workdir, model, mesh, checkpointer)
+    if jax.process_index() == 0:
+      config_tools.atomic_write(os.path.join(workdir, "config.json"),
+                                config.to_json_best_effort(sort_keys=True, indent=2) + "\n")
+    steps, compile_s = compile_steps(config, model, state, dataset, mesh)
+    if stopping.requested():
+      latest = checkpointer.latest_step()
+      raise stopping.Stopped(
+          stopping.signal_name(), "before the first training step of this run (during "
+          "compilation); " + (f"checkpoints up to step {latest} are kept" if latest is not None
+                              else "nothing was saved yet") + "; run the same command to "
+          + ("resume" if latest is not None else "start"), nothing_ran=True)
+    saver = _Saver(config, checkpointer, state.params, model.steps_per_epoch,
+                   (meta or {}).get("train_time_s", 0.0))
+    state = train_loop(config, workdir, model, state, steps, dataset, mesh, checkpointer, saver)
+    train_time = saver.train_time()
 
-    def save(step, best_metrics=None):
-      meta = {"config": config_dict, "param_shapes": shapes,
-              "data": {"seed": config.seed, "next_step": step, "epoch": step // per_epoch,
-                       "batch_in_epoch": step % per_epoch}}
-      checkpointer.save(step, state, meta, metrics=best_metrics, best=best_metrics is not None)
-
-    # The update steps, compiled ahead of time: clean pretraining, then the method.
-    steps, compile_s = {}, {}
-    batch_shape = (config.train.batch_size,) + tuple(dataset.image_shape)
-    for name in sorted({"standard" if pretrain_steps else config.method, config.method}):
-      ctx = objectives.Context(network, config)
-      jitted = jit_train_step(make_train_step(ctx, objectives.METHODS[name], tx, schedule), mesh)
-      steps[name], compile_s[name] = compile_step(jitted, state, batch_shape,
-                                                  dataset.train_images.dtype, mesh)
-    if is_writer:
-      print("clead_jax: compiled train step in " + ", ".join(
-          f"{k}: {v:.1f} s" for k, v in compile_s.items()), flush=True)
-
-    evaluator = evaluation.Evaluator(network, mesh, config.attack.norm, config.eval.batch_size,
-                                     config.seed)
-    writer = metric_logging.MetricWriter(workdir, enabled=is_writer)
-    cleanup.callback(writer.close)
-    start_step = int(state.step)
-    batches = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed,
-                                           start_step, parallel.batch_sharding(mesh))
-    eval_steps = config.train.eval_every * per_epoch
-
-    # The loop. Metrics stay on the device until a log or checkpoint step needs them.
-    train_start = time.time()
-    log_start, log_step, pending = time.time(), start_step, []
-    progress = tqdm(total=total_steps, initial=start_step, disable=not is_writer, desc="train",
-                    dynamic_ncols=True)
-    with StopRequest() as stop, _closing(progress):
-      for step in range(start_step, total_steps):
-        method = "standard" if step < pretrain_steps else config.method
-        state, metrics = steps[method](state, next(batches))
-        pending.append(metrics)
-        done = step + 1
-        stopping = stop.requested(done)
-        is_log = done % config.train.log_every == 0 or done == total_steps
-        is_checkpoint = done % config.train.checkpoint_every == 0 or done == total_steps or stopping
-        if is_log or is_checkpoint:
-          pending = [jax.device_get(m) for m in pending]
-          for offset, m in enumerate(pending):
-            if not np.isfinite(m["loss"]):
-              raise UserError(
-                  f"non-finite loss at step {done - len(pending) + offset + 1}: " + ", ".join(
-                      f"{k}={float(v):.4g}" for k, v in sorted(m.items()))
-                  + f"; stopped, the last good checkpoint (step {checkpointer.latest_step()}) is "
-                  "kept; lower config.train.learning_rate or check the data")
-        if is_log:
-          keys = sorted({k for m in pending for k in m})  # keys change when pretraining ends
-          means = {k: float(np.mean([m[k] for m in pending if k in m])) for k in keys}
-          means["images_per_s"] = ((done - log_step) * config.train.batch_size
-                                   / max(time.time() - log_start, 1e-9))
-          means["epoch"] = done / per_epoch
-          writer.write(done, means)
-          progress.set_postfix({k: f"{means[k]:.3f}" for k in
-                                ("loss", "clean_accuracy", "adv_accuracy") if k in means})
-          log_start, log_step, pending = time.time(), done, []
-        if is_checkpoint:
-          if not _all_finite(state.params):
-            raise UserError(f"non-finite parameters after step {done}; stopped, the last good "
-                            f"checkpoint (step {checkpointer.latest_step()}) is kept; lower "
-                            "config.train.learning_rate")
-          save(done)
-        progress.update(1)
-        if stopping:
-          checkpointer.wait()
-          progress.close()
-          if is_writer:
-            print(f"clead_jax: stopped by {stop.signal_name or 'preemption'} at step {done}; "
-                  f"checkpoint saved in {checkpointer.directory}/{done}; run the same command to "
-                  "resume", flush=True)
-          return {"stopped_at": done}
-        if eval_steps and done % eval_steps == 0 and done != total_steps:
-          n = config.eval.during_train_examples
-          partial = evaluation.evaluate(
-              evaluator, {"params": state.params, "batch_stats": state.batch_stats},
-              dataset.test_images[:n], dataset.test_labels[:n], epsilon=config.attack.epsilon,
-              attack_names=["pgd20"])
-          during = {"clean_accuracy": partial["clean_accuracy"],
-                    "pgd20_accuracy": partial["robust_accuracy"]["pgd20"]}
-          writer.write(done, {f"eval/{k}": v for k, v in during.items()})
-          save(done, best_metrics=during)
-    progress.close()
-    checkpointer.wait()
-    train_time = time.time() - train_start
-
-    # Final evaluation and the report.
-    result = final_evaluation(config, evaluator, state, dataset, progress=is_writer)
-    report = {"method": config.method, "dataset": config.data.name, "model": config.model.name,
-              "norm": config.attack.norm, "epsilon": float(config.attack.epsilon),
-              **result, "steps": int(state.step), "train_time_s": train_time,
-              "compile_time_s": compile_s}
-    if is_writer:
-      report_lib.write_report(workdir, report)
-      print(report_lib.to_markdown(report), flush=True)
-    return report
-
-
-def final_evaluation(config, evaluator, state, dataset, progress=False):
-  n = config.eval.num_examples if config.eval.num_examples > 0 else len(dataset.test_labels)
-  return evaluation.evaluate(
-      evaluator, {"params": state.params, "batch_stats": state.batch_stats},
-      dataset.test_images[:n], dataset.test_labels[:n], epsilon=config.attack.epsilon,
-      attack_names=evaluation.parse_attack_names(config.eval.attacks),
-      curve_points=config.eval.curve_points, curve_attack=config.eval.curve_attack,
-      progress=progress)
+  # Final evaluation: the attacks not yet in the report of this checkpoint.
+  step = int(state.step)
+  n = workdir_lib.num_test_examples(config.eval.num_examples, dataset, "config.eval.num_examples")
+  try:
+    report = workdir_lib.evaluate_state(
+        config, workdir, model.network, state.variables, step, dataset, mesh,
+        attack_names=suite.parse_attack_names(config.eval.attacks), num_examples=n,
+        checkpoint_info={"step": step, "rule": workdir_lib.checkpoint_rule(
+            "latest", step, model.total_steps, config)},
+        header_extra={"train_time_s": train_time, "compile_time_s": compile_s},
+        progress=True, skip_measured=True)
+  except stopping.Stopped as stopped:
+    stopped.what_was_kept = (
+        f"training is finished and checkpoint {step} is saved; the final evaluation stopped: "
+        f"the report keeps the attacks finished so far"
+        + (f", {stopped.what_was_kept}" if stopped.what_was_kept else "")
+        + "; run the same command to finish it")
+    raise
+  if jax.process_index() == 0:
+    print(report_lib.to_markdown(report), flush=True)
+  return report

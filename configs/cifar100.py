@@ -3,10 +3,10 @@
   python -m clead_jax.main --config configs/cifar100.py --workdir runs/cifar100
 """
 
-from configs import cifar10
+from clead_jax import recipes
 
 
 def get_config():
-  config = cifar10.get_config()
+  config = recipes.cifar10()
   config.data.name = "cifar100"
   return config

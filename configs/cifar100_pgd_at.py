@@ -7,10 +7,10 @@ Networks after ':' as in configs/cifar10_pgd_at.py (default preact_resnet18). Th
 with another loss: --config.method=clead | trades.
 """
 
-from configs import cifar10_pgd_at
+from clead_jax import recipes
 
 
 def get_config(network="preact_resnet18"):
-  config = cifar10_pgd_at.get_config(network)
+  config = recipes.pgd_at_rice(network)
   config.data.name = "cifar100"
   return config

@@ -7,10 +7,10 @@ Arguments after ':' as in configs/cifar10_trades.py (default wrn34, 76 epochs). 
 publish no CIFAR-100 numbers; RESULTS.md names the published ones this can be compared with.
 """
 
-from configs import cifar10_trades
+from clead_jax import recipes
 
 
 def get_config(arg="wrn34"):
-  config = cifar10_trades.get_config(arg)
+  config = recipes.trades_zhang(arg)
   config.data.name = "cifar100"
   return config

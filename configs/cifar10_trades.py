@@ -14,42 +14,8 @@ steps of 2/255 from x + 0.001 N(0, 1) in L-inf epsilon 8/255 (the released scrip
 BatchNorm running statistics (their model is in eval mode during the attack); crop and flip.
 """
 
-from configs import cifar10_pgd_at
-from clead_jax.default_config import get_base_config
-
-DECAY_EPOCHS = (75, 90, 100)  # 1-based epochs from which lr is divided by another 10
+from clead_jax import recipes
 
 
 def get_config(arg="wrn34"):
-  network, _, epochs = arg.partition(",")
-  epochs = int(epochs) if epochs else 76
-  config = get_base_config()
-  config.method = "trades"
-  config.data.name = "cifar10"
-  config.data.augment = True
-  cifar10_pgd_at.set_network(config, network)
-  config.attack.norm = "linf"
-  config.attack.epsilon = 8 / 255
-  config.attack.name = "pgd"
-  config.attack.steps = 10
-  config.attack.step_size = 2 / 255
-  config.attack.random_start = True
-  config.attack.bn_mode = "running"
-  config.loss.trades_beta = 6.0
-  config.train.batch_size = 128
-  config.train.epochs = epochs
-  config.train.optimizer = "sgd"
-  config.train.learning_rate = 0.1
-  config.train.momentum = 0.9
-  config.train.nesterov = False
-  config.train.weight_decay = 2e-4 if network == "wrn34" else 5e-4
-  config.train.schedule = "piecewise"
-  config.train.warmup_epochs = 0
-  # Epoch e (1-based) >= 75 trains at 0.01: the boundary is after e - 1 epochs.
-  config.train.piecewise_boundaries = tuple((e - 1) / epochs for e in DECAY_EPOCHS if e <= epochs)
-  config.train.log_every = 100
-  config.train.checkpoint_every = 1000
-  config.train.eval_every = 1
-  config.eval.during_train_examples = 1000
-  config.eval.batch_size = 500
-  return config
+  return recipes.trades_zhang(arg)

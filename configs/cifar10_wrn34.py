@@ -7,12 +7,10 @@ weight decay 5e-4, PGD-10 of 2/255 in L-inf 8/255, lambda = 1, tau = 0.1). Under
 PGD-AT recipe instead: --config configs/cifar10_pgd_at.py:wrn34 --config.method=clead.
 """
 
-from configs import cifar10
+from clead_jax import recipes
 
 
 def get_config():
-  config = cifar10.get_config()
-  config.model.name = "wide_resnet"
-  config.model.depth = 34
-  config.model.widen = 10
+  config = recipes.cifar10()
+  recipes.set_network(config, "wrn34")
   return config

@@ -6,11 +6,11 @@ configs/cifar10.py's recipe, except as SVHN is usually trained: a smaller learni
 no flips or crops, and 50 epochs.
 """
 
-from configs import cifar10
+from clead_jax import recipes
 
 
 def get_config():
-  config = cifar10.get_config()
+  config = recipes.cifar10()
   config.data.name = "svhn_cropped"
   config.data.augment = False
   config.train.epochs = 50

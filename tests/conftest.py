@@ -11,8 +11,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def digits_config(**overrides):
   """configs/digits.py, shrunk for tests; `overrides` maps 'a.b' -> value."""
-  from configs import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config()
+  from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
+  config = config_tools.load_config_file(os.path.join(REPO, "configs", "digits.py"))
   config.model.width = 8
   config.model.projection_dim = 16
   config.train.epochs = 1
@@ -21,13 +21,7 @@ def digits_config(**overrides):
   config.eval.attacks = "fgsm,pgd20"
   config.eval.curve_points = 3
   config.eval.num_examples = 120
-  for field, value in overrides.items():
-    node = config
-    *parents, leaf = field.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_tools.set_fields(config, overrides)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from clead_jax.autoattack import apgd
-from clead_jax.autoattack import autoattack
+from clead_jax.autoattack import versions
 from clead_jax.autoattack import fab
 from clead_jax.autoattack import square
 
@@ -48,9 +48,9 @@ ATTACKS = {
     "fab_t": functools.partial(fab.fab, targeted=True, n_target_classes=2, n_iter=4),
     "square": functools.partial(square.square, n_queries=60),
     "autoattack_standard": functools.partial(
-        autoattack.autoattack, version="standard", n_iter=4, fab_iter=4, n_queries=20,
+        versions.autoattack, version="standard", n_iter=4, fab_iter=4, n_queries=20,
         n_target_classes=2),
-    "autoattack_rand": functools.partial(autoattack.autoattack, version="rand", n_iter=3,
+    "autoattack_rand": functools.partial(versions.autoattack, version="rand", n_iter=3,
                                          eot_iter=2, stochastic=True),
 }
 STOCHASTIC = ("apgd_eot", "autoattack_rand")  # these attack the randomised model

@@ -5,6 +5,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -12,7 +13,9 @@ from clead_jax import attacks
 from clead_jax import checkpointing
 from clead_jax import input_pipeline
 from clead_jax import losses
+from clead_jax import perturbation
 from clead_jax import train
+from clead_jax import train_state
 
 
 def _linear_apply(variables, x):
@@ -34,18 +37,50 @@ def _norm_of(delta, norm):
   return np.abs(flat).max(-1) if norm == "linf" else np.linalg.norm(flat, axis=-1)
 
 
-@pytest.mark.parametrize("name", ["fgsm", "fgsm_rs", "pgd"])
+def _attack_config(norm, epsilon, steps=7):
+  return ml_collections.ConfigDict({"epsilon": epsilon, "norm": norm, "step_size": epsilon / 4,
+                                    "steps": steps, "unroll": 1})
+
+
+@pytest.mark.parametrize("name,init", [("fgsm", "none"), ("fgsm", "uniform"),
+                                       ("fgsm_rs", "uniform"), ("pgd", "uniform"),
+                                       ("pgd", "none")])
 @pytest.mark.parametrize("norm,epsilon", [("linf", 0.1), ("l2", 0.5)])
-def test_training_attacks_stay_in_ball_and_box(name, norm, epsilon):
+def test_training_attacks_stay_in_ball_and_box(name, init, norm, epsilon):
   variables, x, y = _linear_problem()
-  key = jax.random.key(0)
-  kwargs = dict(epsilon=epsilon, norm=norm, step_size=epsilon / 4)
-  if name == "pgd":
-    kwargs["steps"] = 7
-  x_adv = attacks.TRAIN_ATTACKS[name](_linear_apply, variables, x, y, key, **kwargs)
+  x_adv = attacks.TRAIN_ATTACKS[name](_linear_apply, variables, x, y, jax.random.key(0),
+                                      attack_config=_attack_config(norm, epsilon), init=init,
+                                      objective=attacks.ce_objective)
   assert np.all(np.asarray(x_adv) >= 0) and np.all(np.asarray(x_adv) <= 1)
   assert np.all(_norm_of(x_adv - x, norm) <= epsilon + 1e-5)
   assert not np.allclose(x_adv, x)
+
+
+def _first_logit(logits, embedding, labels):
+  """An objective whose input gradient is the same everywhere: column 0 of w."""
+  del embedding, labels
+  return jnp.sum(logits[:, 0])
+
+
+@pytest.mark.parametrize("name,init,step", [("fgsm", "none", 1.0), ("fgsm", "uniform", 1.0),
+                                            ("fgsm_rs", "uniform", 1.25)])
+def test_fgsm_steps_from_the_start_the_method_asks_for(name, init, step):
+  """FGSM steps epsilon from x (or from a uniform start when attack.random_start asks for one);
+  FGSM-RS steps 1.25 epsilon from a uniform start (Wong et al. 2020), whatever
+  attack.step_size says. Closed form on a linear model with a constant gradient sign."""
+  variables, _, y = _linear_problem()
+  epsilon, key = 0.1, jax.random.key(5)
+  x = jnp.full((64, 20), 0.5)  # away from the box, so only the ball clips
+  config = _attack_config("linf", epsilon)
+  config.step_size = 0.01  # must be ignored by both
+  x_adv = np.asarray(attacks.TRAIN_ATTACKS[name](
+      _linear_apply, variables, x, y, key, attack_config=config, init=init,
+      objective=_first_logit))
+  start = np.asarray(perturbation.random_init(key, x, epsilon, "linf", init)) - 0.5
+  sign = np.sign(np.asarray(variables["w"][:, 0]))
+  expected = 0.5 + np.clip(start + step * epsilon * sign, -epsilon, epsilon)
+  np.testing.assert_allclose(x_adv, expected, atol=1e-6)
+  assert (init == "none") == np.allclose(start, 0.0)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -86,8 +121,10 @@ def reference_pgd(apply_fn, variables, x, y, x_start, epsilon, step_size, steps)
 
 def _restore(workdir, config):
   dataset = input_pipeline.load_dataset(config.data)
-  network, _, tx, _, _ = train.build(config, dataset)
-  abstract = jax.eval_shape(lambda: train.create_train_state(network, tx, dataset.image_shape, 0))
+  model = train_state.build(config, dataset)
+  network = model.network
+  abstract = jax.eval_shape(
+      lambda: train_state.create_train_state(network, model.tx, dataset.image_shape, 0))
   state, _ = checkpointing.Checkpointer(workdir, 3).restore(abstract)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   apply_fn = lambda v, xx: network.apply(v, xx, train=False)
@@ -102,7 +139,8 @@ def test_pgd_equals_reference_and_eval_pgd_is_at_least_as_strong(trained_digits)
   epsilon, key = 0.2, jax.random.key(3)
   ours = attacks.pgd(apply_fn, variables, x, y, key, epsilon=epsilon, step_size=epsilon / 4,
                      steps=20)
-  x_start = attacks.project(attacks.random_init(key, x, epsilon, "linf"), x, epsilon, "linf")
+  x_start = perturbation.project(perturbation.random_init(key, x, epsilon, "linf", "uniform"), x, epsilon,
+                                 "linf")
   reference = reference_pgd(apply_fn, variables, x, y, x_start, epsilon, epsilon / 4, 20)
   accuracy = lambda xa: float(jnp.mean(jnp.argmax(apply_fn(variables, xa)[0], -1) == y))
   assert np.mean(np.abs(np.asarray(ours) - reference) > 1e-5) < 0.01  # same algorithm

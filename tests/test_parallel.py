@@ -20,9 +20,10 @@ from jax.sharding import Mesh
 
 from clead_jax import input_pipeline
 from clead_jax import losses
-from clead_jax import objectives
+from clead_jax import methods
 from clead_jax import parallel
 from clead_jax import train
+from clead_jax import train_state
 from clead_jax.errors import UserError
 from tests.conftest import REPO, digits_config
 
@@ -41,19 +42,20 @@ def _lockstep(num_steps=TRAIN_STEPS):
   parameters moved, and whether every step consumed (donated) its input state."""
   config = digits_config(**{"train.epochs": 2, "attack.steps": 3})
   dataset = input_pipeline.load_dataset(config.data)
-  network, schedule, tx, _, _ = train.build(config, dataset)
-  ctx = objectives.Context(network, config)
+  model = train_state.build(config, dataset)
+  network, schedule, tx = model.network, model.schedule, model.tx
+  ctx = methods.Context(network, config)
   # One trace per mesh: no step retraces.
   step_fn = chex.assert_max_traces(
-      train.make_train_step(ctx, objectives.METHODS["clead"], tx, schedule), n=2)
+      train.make_train_step(ctx, methods.METHODS["clead"], tx, schedule), n=2)
   steps, batches = {}, {}
   for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
     mesh = Mesh(np.asarray(devices), ("data",))
     steps[name] = (train.jit_train_step(step_fn, mesh), parallel.replicated(mesh))
     batches[name] = input_pipeline.train_batches(dataset, config.train.batch_size, config.seed, 0,
                                                  parallel.batch_sharding(mesh))
-  state = jax.device_get(train.init_state(network, tx, dataset.image_shape, config.seed,
-                                          Mesh(np.asarray(jax.devices()[:1]), ("data",))))
+  state = jax.device_get(train_state.init_state(model, config.seed,
+                                                Mesh(np.asarray(jax.devices()[:1]), ("data",))))
   initial_params = state.params
   diffs = {"params": [], "batch_stats": [], "opt_state": [], "loss": []}
   donated = []
@@ -107,7 +109,7 @@ def _interleave_needs_no_communication():
   """Interleaving clean/adversarial rows of a sharded batch keeps each pair on its device."""
   data = parallel.batch_sharding(parallel.make_mesh())
   x = jax.device_put(jnp.zeros((8 * FAKE_DEVICES, 8, 8, 1)), data)
-  interleave = jax.jit(objectives._interleave, in_shardings=(data, data), out_shardings=data)  # pylint: disable=protected-access
+  interleave = jax.jit(methods._interleave, in_shardings=(data, data), out_shardings=data)  # pylint: disable=protected-access
   hlo = interleave.lower(x, x).compile().as_text()
   for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
     assert collective not in hlo, collective

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from clead_jax import attacks
 from clead_jax import config_checks
-from clead_jax import study
+from clead_jax import config_tools
+from clead_jax.study import runs as study
 from clead_jax.errors import UserError
 from tests.conftest import REPO
 
@@ -29,10 +29,8 @@ ROW_KEYS = {"label", "method", "settings", "path", "seeds_finished", "seeds_fail
 
 def _config(**overrides):
   """configs/digits.py with the TINY fields and `overrides`, as the command line makes it."""
-  from configs import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config()
-  for field, value in {**TINY, **overrides}.items():
-    study._set(config, field, value)  # pylint: disable=protected-access
+  config = config_tools.load_config_file(os.path.join(REPO, "configs", "digits.py"))
+  config_tools.set_fields(config, {**TINY, **overrides})
   config.lock()
   return config
 
@@ -204,8 +202,8 @@ def test_swept_value_equal_to_the_config_reuses_the_plain_run(tmp_path):
   variants = study.make_variants(config, ["clead"], sweeps, baselines=["pgd_at"])
   assert [v.path for v in variants] == ["pgd_at", "clead/loss.lam=0.5", "clead"]
   assert [v.label for v in variants] == ["pgd_at", "clead loss.lam=0.5", "clead loss.lam=1.0"]
-  assert study.run_config(config, variants[1], 7).loss.lam == 0.5
-  assert study.run_config(config, variants[1], 7).seed == 7
+  assert study.run_config(config, variants[1], 7, str(tmp_path)).loss.lam == 0.5
+  assert study.run_config(config, variants[1], 7, str(tmp_path)).seed == 7
 
   trained = []
 
@@ -249,7 +247,9 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path):
 
 
 def test_only_the_writer_writes_the_summary(tmp_path):
-  fake = lambda config, run_dir: {"stopped_at": 3}  # a non-writer writes no run files either
+  # A non-writer process gets the report back but writes no run files either.
+  fake = lambda config, run_dir: {"clean_accuracy": 0.9, "robust_accuracy": {"pgd20": 0.5},
+                                  "steps": 1, "train_time_s": 1.0, "eval_time_s": 1.0}
   study.run_study(_config(), str(tmp_path), ["clead"], 1, train_fn=fake, is_writer=False)
   assert not os.listdir(tmp_path)
 
@@ -266,18 +266,29 @@ def test_cli_bad_sweep_is_one_line_and_exit_2(tmp_path):
   assert not os.path.exists(tmp_path / "study")
 
 
-def test_default_attacks_include_autoattack_only_when_registered(monkeypatch):
-  monkeypatch.setitem(attacks.EVAL_ATTACKS, "autoattack", attacks.EVAL_ATTACKS["fgsm"])
-  assert study.default_eval_attacks() == ("fgsm,pgd20,pgd100,cw,autoattack", None)
-  monkeypatch.delitem(attacks.EVAL_ATTACKS, "autoattack")
-  names, note = study.default_eval_attacks()
-  assert names == "fgsm,pgd20,pgd100,cw" and "AutoAttack is not registered" in note
+def test_the_transfer_attack_is_added_when_the_study_trains_its_surrogate(tmp_path):
+  """The default suite gets transfer_pgd3 only when a standard run is in the study; each other
+  run's surrogate is the standard run of its own seed, and the standard run does not attack
+  itself."""
+  assert "transfer_pgd3" not in study.default_eval_attacks(["pgd_at", "clead"])
+  names = study.default_eval_attacks(["clead"], baselines=["standard"])
+  assert names.split(",")[-1] == "transfer_pgd3" and "autoattack" in names
+  config = _config(**{"eval.attacks": names})
+  variants = study.make_variants(config, ["clead"], [], baselines=["standard"])
+  by_method = {v.method: v for v in variants}
+  clead = study.run_config(config, by_method["clead"], 3, str(tmp_path))
+  assert clead.eval.surrogate == str(tmp_path / "standard" / "seed3")
+  standard = study.run_config(config, by_method["standard"], 3, str(tmp_path))
+  assert "transfer_pgd3" not in standard.eval.attacks and not standard.eval.surrogate
 
 
 @pytest.mark.parametrize("name", ["cifar10_pgd_at", "cifar10_trades", "cifar10_wrn34",
-                                  "cifar100_pgd_at", "cifar100_trades"])
+                                  "cifar100_pgd_at", "cifar100_trades", "fashion_mnist"])
 def test_recipe_configs_are_valid_and_documented(name):
-  import importlib  # pylint: disable=g-import-not-at-top
-  module = importlib.import_module(f"configs.{name}")
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   config_checks.validate(module.get_config())
   assert f"--config configs/{name}.py" in module.__doc__

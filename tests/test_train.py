@@ -9,26 +9,28 @@ import numpy as np
 import pytest
 
 from clead_jax import input_pipeline
-from clead_jax import objectives
+from clead_jax import methods
 from clead_jax import parallel
 from clead_jax import train
+from clead_jax import train_state
 from tests.conftest import digits_config
 
 REPORT_KEYS = {"method", "dataset", "model", "norm", "epsilon", "num_examples", "clean_accuracy",
                "robust_accuracy", "steps", "train_time_s", "eval_time_s"}
 
 
-@pytest.mark.parametrize("method", sorted(objectives.METHODS))
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
 def test_train_step_lowers_loss_on_a_fixed_batch(method):
   config = digits_config(**{"method": method, "train.schedule": "constant",
                             "train.learning_rate": 0.05, "attack.steps": 3})
   if method == "clead":
     config.attack.objective = "both"  # exercises the contrastive attack objective too
   dataset = input_pipeline.load_dataset(config.data)
-  network, schedule, tx, _, _ = train.build(config, dataset)
+  model = train_state.build(config, dataset)
+  network, schedule, tx = model.network, model.schedule, model.tx
   mesh = parallel.make_mesh()
-  state = train.init_state(network, tx, dataset.image_shape, 0, mesh)
-  step_fn = train.make_train_step(objectives.Context(network, config), objectives.METHODS[method],
+  state = train_state.init_state(model, 0, mesh)
+  step_fn = train.make_train_step(methods.Context(network, config), methods.METHODS[method],
                                   tx, schedule)
   chex.clear_trace_counter()  # the counter is keyed by code, shared by the parametrisations
   step_fn = train.jit_train_step(chex.assert_max_traces(step_fn, n=1), mesh)
@@ -72,19 +74,22 @@ def test_pretraining_then_clead_and_init_from(tmp_path, trained_digits):
 
 
 def test_best_checkpoint_is_the_best_evaluation_and_evaluate_can_load_it(tmp_path):
-  """With eval_every, DIR/best_checkpoint keeps the one step whose held-out PGD-20 accuracy was
+  """With eval_every, DIR/best_checkpoint keeps the one step whose validation PGD-20 accuracy was
   the highest so far, and `evaluate --checkpoint=best` evaluates that step."""
-  from clead_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from clead_jax.evaluation import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = digits_config(**{"method": "pgd_at", "train.epochs": 4, "train.eval_every": 1,
+                            "data.validation_size": 200,
                             "model.width": 8, "attack.steps": 2, "eval.attacks": "pgd20",
                             "eval.curve_points": 0, "eval.num_examples": 60,
                             "eval.during_train_examples": 100})
   train.train_and_evaluate(config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  evals = {l["step"]: l["eval/pgd20_accuracy"] for l in lines if "eval/pgd20_accuracy" in l}
-  assert sorted(evals) == [11, 22, 33]  # every epoch but the last, which the final report covers
+  evals = {l["step"]: l["validation/pgd20_accuracy"] for l in lines
+           if "validation/pgd20_accuracy" in l}
+  assert sorted(evals) == [9, 18, 27]  # every epoch but the last, which the final report covers
   kept = sorted(int(s) for s in os.listdir(tmp_path / "best_checkpoint") if s.isdigit())
   assert len(kept) == 1 and evals[kept[0]] == max(evals.values()), (kept, evals)
-  report = evaluate.evaluate_workdir(str(tmp_path), attacks="pgd20", checkpoint="best",
-                                     num_examples=60, progress=False)
+  report = workdir_lib.evaluate_workdir(str(tmp_path), attacks="pgd20", checkpoint="best",
+                                        num_examples=60, progress=False)
   assert report["steps"] == kept[0]
+  assert report["checkpoint"]["step"] == kept[0] and "validation" in report["checkpoint"]["rule"]

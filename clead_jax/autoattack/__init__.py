@@ -1,7 +1,7 @@
-"""AutoAttack in JAX: APGD, FAB, Square, their composition, and checks on an evaluation.
+"""AutoAttack in JAX: the attacks and their composition (Croce & Hein 2020).
 
   apgd.apgd, fab.fab, square.square: the attacks, attack(apply_fn, variables, x, y, key, ...).
-  autoattack.autoattack: a version (standard, plus, rand) as one jittable attack.
-  autoattack.Runner: a version over a whole split, per-stage, on the points still robust.
-  checks: warnings that flag a suspect evaluation.
+  versions: the versions (standard, plus, rand) as stages, and as one jittable attack.
+  common: what only these attacks share (random directions, targets, the restart loop).
+Running a version over a split (stage by stage, resumable) is evaluation/autoattack_runner.py.
 """

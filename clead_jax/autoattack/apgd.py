@@ -14,8 +14,8 @@ deterministic model the EoT samples are identical, so only one is computed.
 import jax
 import jax.numpy as jnp
 
-from clead_jax import attacks
 from clead_jax import losses
+from clead_jax import perturbation
 from clead_jax.autoattack import common
 
 N_ITER = 100  # autopgd_base.py: n_iter=100
@@ -88,10 +88,10 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
   loss. With stochastic=True, apply_fn(variables, x, keys) takes one key per example and the
   gradient is averaged over eot_iter samples (Expectation over Transformation).
   """
-  common.check_norm(norm)
+  perturbation.check_norm(norm)
   loss_fn = _LOSS_FNS[(loss, target is not None)]
-  start_keys, sample_keys = common.split_keys(common.per_example_keys(key, x.shape[0]), 2)
-  expand = lambda v: common.expand(v, x)
+  start_keys, sample_keys = perturbation.split_keys(perturbation.per_example_keys(key, x.shape[0]), 2)
+  expand = lambda v: perturbation.expand(v, x)
 
   def total_loss(x_in, keys):
     logits, _ = apply_fn(variables, x_in, keys) if stochastic else apply_fn(variables, x_in)
@@ -104,10 +104,10 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
     if not stochastic:
       grad, (loss_value, logits) = grad_fn(x_adv, None)
       return loss_value, logits, grad
-    step_keys = common.fold_in(sample_keys, step)
+    step_keys = perturbation.fold_in(sample_keys, step)
 
     def sample(carry, j):
-      grad, (loss_value, logits) = grad_fn(x_adv, common.fold_in(step_keys, j))
+      grad, (loss_value, logits) = grad_fn(x_adv, perturbation.fold_in(step_keys, j))
       return carry, (grad, loss_value, logits)
 
     _, (grads, loss_values, logits) = jax.lax.scan(sample, None, jnp.arange(eot_iter))
@@ -129,9 +129,9 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
   def body(i, c):
     c = dict(c)
     a = jnp.where(i > 0, MOMENTUM, 1.0)
-    x_step = attacks.project(attacks.ascent_step(c["x_adv"], c["grad"], expand(c["step_size"]),
+    x_step = perturbation.project(perturbation.ascent_step(c["x_adv"], c["grad"], expand(c["step_size"]),
                                                  norm), x, epsilon, norm)
-    x_new = attacks.project(c["x_adv"] + a * (x_step - c["x_adv"])
+    x_new = perturbation.project(c["x_adv"] + a * (x_step - c["x_adv"])
                             + (1.0 - a) * (c["x_adv"] - c["x_prev"]), x, epsilon, norm)
     c["x_prev"], c["x_adv"] = c["x_adv"], x_new
     loss_value, logits, c["grad"] = loss_logits_grad(x_new, i + 1)
@@ -167,7 +167,7 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
 
   c = jax.lax.fori_loop(0, n_iter, body, carry)
   x_adv = jnp.where(expand(c["fooled"]), c["x_fool"], c["x_max"])
-  return common.finish(x_adv, x, epsilon, norm), c["fooled"]
+  return perturbation.finish(x_adv, x, epsilon, norm), c["fooled"]
 
 
 def num_runs(num_classes, *, targeted, n_restarts=1, n_target_classes=N_TARGET_CLASSES):
@@ -193,7 +193,7 @@ def make_run(*, epsilon, norm, loss="ce", targeted=False, n_restarts=1, n_iter=N
   def run(apply_fn, variables, x, y, keys, run_index):
     target = None
     if targeted:
-      logits, _ = (apply_fn(variables, x, common.fold_in(keys, 0)) if stochastic
+      logits, _ = (apply_fn(variables, x, perturbation.fold_in(keys, 0)) if stochastic
                    else apply_fn(variables, x))
       target = common.target_classes(logits, 2 + run_index // n_restarts)
     x_adv, _ = apgd_run(apply_fn, variables, x, y, keys, epsilon=epsilon, norm=norm, loss=loss,
@@ -211,16 +211,16 @@ def apgd(apply_fn, variables, x, y, key, *, epsilon, norm="linf", loss="ce", tar
 
   For a stochastic model the restart loop judges success on one fixed sample per example.
   """
-  common.check_norm(norm)
+  perturbation.check_norm(norm)
   num_classes = common.num_classes_of(apply_fn, variables, x, stochastic)
   check_classes(num_classes, loss, targeted)
   run = make_run(epsilon=epsilon, norm=norm, loss=loss, targeted=targeted, n_restarts=n_restarts,
                  n_iter=n_iter, rho=rho, eot_iter=eot_iter, stochastic=stochastic)
-  keys, check_keys = common.split_keys(common.per_example_keys(key, x.shape[0]), 2)
+  keys, check_keys = perturbation.split_keys(perturbation.per_example_keys(key, x.shape[0]), 2)
   predict_fn = common.predictor(apply_fn, variables, check_keys if stochastic else None)
   x_adv, _ = common.over_runs(
       lambda x_in, y_in, run_keys, r: run(apply_fn, variables, x_in, y_in, run_keys, r),
       num_runs(num_classes, targeted=targeted, n_restarts=n_restarts,
                n_target_classes=n_target_classes),
       predict_fn, x, y, keys)
-  return common.finish(x_adv, x, epsilon, norm)
+  return perturbation.finish(x_adv, x, epsilon, norm)

@@ -1,5 +1,6 @@
-"""Pieces the AutoAttack attacks share: norms, random directions, target classes, per-run keys,
-and the restart loop that keeps, per example, the first run that fools the model.
+"""Pieces only the AutoAttack attacks share: random directions, target classes, the predictor,
+and the restart loop that keeps, per example, the first run that fools the model. Norms,
+projection and per-example keys are clead_jax/perturbation.py's.
 
 Every attack here has the signature of clead_jax.attacks:
   attack(apply_fn, variables, x, y, key, *, epsilon, norm, ...) -> x_adv
@@ -15,45 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from clead_jax import attacks
-
-NORMS = attacks.NORMS
-
-
-def check_norm(norm):
-  if norm not in NORMS:
-    raise ValueError(f"norm={norm!r}; choose one of {NORMS}")
-
-
-def per_example_keys(key, batch_size):
-  """One key per example: a single key is split, an array of keys is kept."""
-  return jax.random.split(key, batch_size) if key.shape == () else key
-
-
-def fold_in(keys, data):
-  """fold_in on each example's key, with the same `data` (an int, possibly traced)."""
-  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data)
-
-
-def expand(v, like):
-  """Per-example values (B,) reshaped to broadcast against a batch like `like`."""
-  return v.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def flat_norm(v, norm):
-  """Per-example L-inf or L2 norm."""
-  flat = v.reshape(v.shape[0], -1)
-  if norm == "linf":
-    return jnp.max(jnp.abs(flat), axis=-1)
-  return jnp.sqrt(jnp.sum(jnp.square(flat), axis=-1))
-
-
-def dual_norm(v, norm):
-  """Per-example dual norm over all but the first axis: L1 for L-inf, L2 for L2."""
-  flat = v.reshape(v.shape[0], -1)
-  if norm == "linf":
-    return jnp.sum(jnp.abs(flat), axis=-1)
-  return jnp.sqrt(jnp.sum(jnp.square(flat), axis=-1))
+from clead_jax import perturbation
 
 
 def uniform(keys, shape, minval=0.0, maxval=1.0, dtype=jnp.float32):
@@ -74,7 +37,7 @@ def unit_direction(keys, shape, norm, dtype=jnp.float32):
   """A random direction of norm one per example: uniform in [-1, 1] rescaled to L-inf norm 1,
   or Gaussian rescaled to L2 norm 1 (the starting points of APGD and FAB in fra31/auto-attack)."""
   t = uniform(keys, shape, -1.0, 1.0, dtype) if norm == "linf" else normal(keys, shape, dtype)
-  return t / expand(jnp.maximum(flat_norm(t, norm), 1e-12), t)
+  return t / perturbation.expand(jnp.maximum(perturbation.flat_norm(t, norm), 1e-12), t)
 
 
 def target_classes(logits, rank):
@@ -101,30 +64,20 @@ def num_classes_of(apply_fn, variables, x, stochastic=False):
   return jax.eval_shape(logits, variables, x[:1]).shape[-1]
 
 
-def split_keys(keys, num):
-  """`num` independent streams of per-example keys, shape (num, B)."""
-  return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num))(keys), 0, 1)
-
-
 def over_runs(run, num_runs, predict_fn, x, y, keys):
   """Runs run(x, y, keys, run_index) for run_index = 0..num_runs-1; returns (x_adv, robust).
 
   An example keeps the point of the first run that fools predict_fn; examples never fooled keep
   the last run's point. Every run sees the whole batch (masking, not gathering), so under jit
-  its cost does not shrink as examples are fooled; clead_jax.autoattack.Runner gathers instead.
+  its cost does not shrink as examples are fooled; clead_jax.evaluation.autoattack_runner gathers instead.
   """
   robust = predict_fn(x) == y
 
   def body(run_index, carry):
     x_adv, robust = carry
-    x_run = run(x, y, fold_in(keys, run_index), run_index)
+    x_run = run(x, y, perturbation.fold_in(keys, run_index), run_index)
     fooled = predict_fn(x_run) != y
-    x_adv = jnp.where(expand(robust, x), x_run, x_adv)
+    x_adv = jnp.where(perturbation.expand(robust, x), x_run, x_adv)
     return x_adv, robust & ~fooled
 
   return jax.lax.fori_loop(0, num_runs, body, (x, robust))
-
-
-def finish(x_adv, x, epsilon, norm):
-  """The last step of every attack: onto the epsilon-ball and the box, without gradient."""
-  return jax.lax.stop_gradient(attacks.project(x_adv, x, epsilon, norm))

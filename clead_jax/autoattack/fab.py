@@ -14,6 +14,7 @@ random restarts (all but the first) from a point at distance epsilon / 2.
 
 import jax
 import jax.numpy as jnp
+from clead_jax import perturbation
 
 from clead_jax.autoattack import common
 
@@ -104,10 +105,10 @@ def fab_run(apply_fn, variables, x, y, key, *, epsilon, norm, target=None, rando
 
   Returns the smallest adversarial point found where its distance is at most epsilon, else x.
   """
-  common.check_norm(norm)
+  perturbation.check_norm(norm)
   batch = x.shape[0]
-  expand = lambda v: common.expand(v, x)
-  keys = common.per_example_keys(key, batch)
+  expand = lambda v: perturbation.expand(v, x)
+  keys = perturbation.per_example_keys(key, batch)
   x_flat = x.reshape(batch, -1)
   x_start = x
   if random_start is not False:  # a traced flag, or True
@@ -124,12 +125,12 @@ def fab_run(apply_fn, variables, x, y, key, *, epsilon, norm, target=None, rando
     both = project_onto_hyperplane_in_box(jnp.concatenate([x1.reshape(batch, -1), x_flat]),
                                           jnp.concatenate([w, w]), jnp.concatenate([b, b]), norm)
     d1, d0 = both[:batch].reshape(x.shape), both[batch:].reshape(x.shape)
-    a1 = jnp.maximum(common.flat_norm(d1, norm), 1e-8)
-    a0 = jnp.maximum(common.flat_norm(d0, norm), 1e-8)
+    a1 = jnp.maximum(perturbation.flat_norm(d1, norm), 1e-8)
+    a0 = jnp.maximum(perturbation.flat_norm(d0, norm), 1e-8)
     alpha = expand(jnp.clip(a1 / (a1 + a0), 0.0, alpha_max))
     x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x + eta * d0) * alpha, 0.0, 1.0)
     adversarial = predict(x1) != y
-    distance = common.flat_norm(x1 - x, norm)
+    distance = perturbation.flat_norm(x1 - x, norm)
     better = adversarial & (distance < best_distance)
     x_best = jnp.where(expand(better), x1, x_best)
     best_distance = jnp.where(better, distance, best_distance)
@@ -139,7 +140,7 @@ def fab_run(apply_fn, variables, x, y, key, *, epsilon, norm, target=None, rando
   _, x_best, best_distance = jax.lax.fori_loop(
       0, n_iter, body, (x_start, x, jnp.full(batch, jnp.inf, x.dtype)))
   x_adv = jnp.where(expand(best_distance <= epsilon), x_best, x)
-  return common.finish(x_adv, x, epsilon, norm)
+  return perturbation.finish(x_adv, x, epsilon, norm)
 
 
 def num_runs(num_classes, *, targeted, n_restarts=1, n_target_classes=N_TARGET_CLASSES):
@@ -159,7 +160,7 @@ def make_run(*, epsilon, norm, targeted=False, n_restarts=1, n_iter=N_ITER, alph
                     random_start=n_restarts > 1 and run_index % n_restarts > 0, n_iter=n_iter,
                     alpha_max=alpha_max, eta=eta, beta=beta)
     # FAB only attacks points it classifies correctly (fab_base.attack_single_run).
-    return jnp.where(common.expand(jnp.argmax(logits, -1) == y, x), x_adv, x)
+    return jnp.where(perturbation.expand(jnp.argmax(logits, -1) == y, x), x_adv, x)
 
   return run
 
@@ -167,7 +168,7 @@ def make_run(*, epsilon, norm, targeted=False, n_restarts=1, n_iter=N_ITER, alph
 def fab(apply_fn, variables, x, y, key, *, epsilon, norm="linf", targeted=False, n_restarts=1,
         n_target_classes=N_TARGET_CLASSES, n_iter=N_ITER, alpha_max=ALPHA_MAX, eta=ETA, beta=BETA):
   """FAB (targeted: FAB-T); an example keeps the first run (restart, target) that fools it."""
-  common.check_norm(norm)
+  perturbation.check_norm(norm)
   num_classes = common.num_classes_of(apply_fn, variables, x)
   run = make_run(epsilon=epsilon, norm=norm, targeted=targeted, n_restarts=n_restarts,
                  n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta)
@@ -175,5 +176,5 @@ def fab(apply_fn, variables, x, y, key, *, epsilon, norm="linf", targeted=False,
       lambda x_in, y_in, run_keys, r: run(apply_fn, variables, x_in, y_in, run_keys, r),
       num_runs(num_classes, targeted=targeted, n_restarts=n_restarts,
                n_target_classes=n_target_classes),
-      common.predictor(apply_fn, variables), x, y, common.per_example_keys(key, x.shape[0]))
-  return common.finish(x_adv, x, epsilon, norm)
+      common.predictor(apply_fn, variables), x, y, perturbation.per_example_keys(key, x.shape[0]))
+  return perturbation.finish(x_adv, x, epsilon, norm)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clead_jax import losses
+from clead_jax import perturbation
 from clead_jax.autoattack import common
 
 N_QUERIES = 5000  # autoattack.py: square.n_queries = 5000
@@ -138,7 +139,8 @@ def _l2_proposal(x, x_best, u, side, eta, epsilon):
   window = jnp.where(mask1, delta, 0.0)
   window_norms = jnp.sqrt(jnp.sum(jnp.square(window), axis=(0, 1)))
   image_norm = jnp.sqrt(jnp.sum(jnp.square(delta)))
-  windows_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.where(mask1 | mask2, delta, 0.0))))
+  # Per channel, as the reference's norms_windows (sum over the two spatial axes only).
+  windows_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.where(mask1 | mask2, delta, 0.0)), axis=(0, 1)))
   new = jnp.where(mask1, pattern + window / (1e-12 + window_norms), 0.0)
   budget = jnp.sqrt(jnp.maximum(epsilon ** 2 - image_norm ** 2, 0.0) / channels
                     + windows_norm ** 2)
@@ -158,11 +160,11 @@ def square_run(apply_fn, variables, x, y, key, *, epsilon, norm, n_queries=N_QUE
   One loop for all window sizes (the side is looked up per iteration, windows are masks), and
   one uniform draw per example and query: few random-number sites keep compilation short.
   """
-  common.check_norm(norm)
+  perturbation.check_norm(norm)
   shape = x.shape
   x = _as_images(x)
   batch, height, width, channels = x.shape
-  init_keys, step_keys = common.split_keys(common.per_example_keys(key, batch), 2)
+  init_keys, step_keys = perturbation.split_keys(perturbation.per_example_keys(key, batch), 2)
 
   def margin(x_in):
     logits, _ = apply_fn(variables, x_in.reshape(shape))
@@ -195,7 +197,7 @@ def square_run(apply_fn, variables, x, y, key, *, epsilon, norm, n_queries=N_QUE
     i, x_best, margin_min = carry
     phase = jnp.searchsorted(phase_ends, i, side="right")
     side = sides[phase]
-    u = jax.vmap(lambda k: jax.random.uniform(k, (5 + channels,)))(common.fold_in(step_keys, i))
+    u = jax.vmap(lambda k: jax.random.uniform(k, (5 + channels,)))(perturbation.fold_in(step_keys, i))
     if norm == "linf":
       x_new = jax.vmap(lambda xi, bi, ui: _linf_proposal(xi, bi, ui, side, epsilon))(
           x, x_best, u)
@@ -204,11 +206,11 @@ def square_run(apply_fn, variables, x, y, key, *, epsilon, norm, n_queries=N_QUE
           x, x_best, u)
     margin_new = margin(x_new)
     improved = (margin_min > 0) & (margin_new < margin_min)
-    x_best = jnp.where(common.expand(improved, x), x_new, x_best)
+    x_best = jnp.where(perturbation.expand(improved, x), x_new, x_best)
     return i + 1, x_best, jnp.where(improved, margin_new, margin_min)
 
   _, x_best, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), x_best, margin(x_best)))
-  return common.finish(x_best, x, epsilon, norm).reshape(shape)
+  return perturbation.finish(x_best, x, epsilon, norm).reshape(shape)
 
 
 def make_run(*, epsilon, norm, n_queries=N_QUERIES, p_init=P_INIT):

@@ -2,4 +2,4 @@
 
 from clead_jax.bench import cli
 
-cli.main()
+cli.run()

@@ -21,9 +21,9 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from clead_jax import attacks
 from clead_jax.bench import measure
 from clead_jax.bench import workloads
+from clead_jax.evaluation import suite
 
 JSON_KEYS = ("jax_images_per_s", "torch_images_per_s", "ratio", "jax_compile_s",
              "flops_per_image", "achieved_flops", "peak_flops", "device", "versions")
@@ -70,7 +70,7 @@ def _parser():
                             "--pgd-steps = fully unrolled")
     else:
       sub.add_argument("--attacks", default="pgd20,autoattack",
-                       help="comma-separated names in clead_jax.attacks.EVAL_ATTACKS")
+                       help="comma-separated white-box evaluation attacks (evaluation/suite.py)")
   commands.add_parser("table", help="the markdown table of saved --json results").add_argument(
       "paths", nargs="+", metavar="RESULT.json")
   return parser
@@ -227,8 +227,8 @@ def run_attacks(args):
   peak, peaks = _peak_flops(args)
   results, notes = {}, []
   for name in [n.strip() for n in args.attacks.split(",") if n.strip()]:
-    if name not in attacks.EVAL_ATTACKS:
-      notes.append(f"{name}: not in clead_jax.attacks.EVAL_ATTACKS; skipped")
+    if name not in suite.WHITE_BOX_ATTACKS:
+      notes.append(f"{name}: not a white-box evaluation attack (evaluation/suite.py); skipped")
       print(f"note: {notes[-1]}", flush=True)
       continue
     torch_fn = None
@@ -285,5 +285,20 @@ def main(argv=None):
   return result
 
 
+def run():
+  """The console script clead-bench: bad input is one line and exit code 2."""
+  from clead_jax import command_line  # pylint: disable=g-import-not-at-top
+  from clead_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    main()
+  except ModuleNotFoundError as e:
+    if e.name != "torch":
+      raise
+    command_line.fail("--compare torch needs PyTorch, an optional extra: pip install -e '.[torch]' "
+                      "(on a CPU-only machine: pip install torch==2.13.0)")
+  except (UserError, ValueError, OSError) as e:
+    command_line.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 if __name__ == "__main__":
-  sys.exit(main() and 0)
+  run()

@@ -2,13 +2,12 @@
 clead_jax, and the same computations in the PyTorch reference, on random CIFAR-shaped data.
 
 The JAX side goes through the library's own code paths (train.build, train.make_train_step,
-train.jit_train_step, objectives.METHODS['clead'], attacks.EVAL_ATTACKS), so what is timed is
+train.jit_train_step, methods.METHODS['clead'], evaluation.suite), so what is timed is
 what training and evaluation run.
 """
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import time
 
@@ -17,12 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clead_jax import attacks
+from clead_jax import config_tools
 from clead_jax import input_pipeline
 from clead_jax import models
-from clead_jax import objectives
+from clead_jax import methods
 from clead_jax import parallel
 from clead_jax import train
+from clead_jax import train_state
+from clead_jax.evaluation import suite
 from clead_jax.bench import measure
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -49,17 +50,7 @@ class Timing:
 
 def load_config(path=DEFAULT_CONFIG, overrides=None):
   """get_config() of a config file, with 'a.b' -> value overrides."""
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for field, value in (overrides or {}).items():
-    node = config
-    *parents, leaf = field.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return config_tools.set_fields(config_tools.load_config_file(path), overrides)
 
 
 def fake_cifar(batch_size, seed=0):
@@ -99,11 +90,11 @@ def jax_train_step(config, runs, warmup=1, method="clead", profile_dir=None):
   """The jitted train step of `method`: compile time, then the median over `runs` steps; with
   profile_dir, one more step under the profiler."""
   dataset = fake_cifar(config.train.batch_size, config.seed)
-  network, schedule, tx, _, _ = train.build(config, dataset)
+  model = train_state.build(config, dataset)
   mesh = parallel.make_mesh()
-  state = train.init_state(network, tx, dataset.image_shape, config.seed, mesh)
-  step_fn = train.make_train_step(objectives.Context(network, config), objectives.METHODS[method],
-                                  tx, schedule)
+  state = train_state.init_state(model, config.seed, mesh)
+  step_fn = train.make_train_step(methods.Context(model.network, config), methods.METHODS[method],
+                                  model.tx, model.schedule)
   batch = jax.device_put({"image": dataset.train_images, "label": dataset.train_labels},
                          parallel.batch_sharding(mesh))
   flops = measure.count_flops(step_fn, state, batch)
@@ -122,13 +113,16 @@ def jax_train_step(config, runs, warmup=1, method="clead", profile_dir=None):
 
 
 def jax_attack(config, attack_name, batch_size, runs, warmup=1, profile_dir=None):
-  """attacks.EVAL_ATTACKS[attack_name] on an inference-mode model, as evaluation runs it."""
+  """suite.WHITE_BOX_ATTACKS[attack_name] on an inference-mode float32 model, as evaluation runs
+  it (AutoAttack as one jitted function: every stage on the whole batch)."""
   dataset = fake_cifar(batch_size, config.seed)
-  network, _, tx, _, _ = train.build(config, dataset)
-  state = train.create_train_state(network, tx, dataset.image_shape, config.seed)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  attack = attacks.EVAL_ATTACKS[attack_name]
+  model = train_state.build(config, dataset)
+  state = train_state.create_train_state(model.network, model.tx, dataset.image_shape,
+                                         config.seed)
+  attack = suite.WHITE_BOX_ATTACKS[attack_name]
+  network = models.in_float32(model.network)
   apply_fn = lambda v, x: network.apply(v, x, train=False)
+  variables = state.variables
 
   def attack_fn(variables, images, labels):
     keys = jax.random.split(jax.random.key(config.seed), images.shape[0])

@@ -3,8 +3,10 @@
 A method is a pair (make_adversarial, loss). The registry METHODS maps config.method to it;
 adding a method means adding one entry. All functions are pure and run under jit.
 
-Clean and adversarial images are interleaved [x_0, x_adv_0, x_1, x_adv_1, ...] before a joint
-forward pass, so a pair stays on one device when the batch is sharded along 'data'.
+C-LEAD interleaves clean and adversarial images [x_0, x_adv_0, x_1, x_adv_1, ...] before a
+joint forward pass, so a pair stays on one device when the batch is sharded along 'data'. TRADES
+makes two separate train-mode passes, each with its own BatchNorm batch statistics, as its
+reference code does (loss.trades_joint_pass=True: one joint pass instead).
 """
 
 import dataclasses
@@ -39,15 +41,18 @@ class Context:
       return lambda v, x: self.network.apply(v, x, train=True, mutable=["batch_stats"])[0]
     return lambda v, x: self.network.apply(v, x, train=False)
 
+  def attack_variables(self, params, batch_stats):
+    return jax.lax.stop_gradient({"params": params, "batch_stats": batch_stats})
+
   def attack(self, params, batch_stats, x, y, key, objective, init=None):
+    """The training attack (config.attack.name) on `objective`. The start is a uniform point of
+    the ball when config.attack.random_start, else x, unless the method asks for its own."""
     cfg = self.config.attack
-    variables = jax.lax.stop_gradient({"params": params, "batch_stats": batch_stats})
     if init is None:
       init = "uniform" if cfg.random_start else "none"
-    kwargs = dict(epsilon=cfg.epsilon, step_size=cfg.step_size, norm=cfg.norm, objective=objective)
-    if cfg.name == "pgd":
-      kwargs.update(steps=cfg.steps, init=init, unroll=cfg.unroll)
-    return attacks.TRAIN_ATTACKS[cfg.name](self.attack_apply_fn(), variables, x, y, key, **kwargs)
+    return attacks.TRAIN_ATTACKS[cfg.name](
+        self.attack_apply_fn(), self.attack_variables(params, batch_stats), x, y, key,
+        attack_config=cfg, init=init, objective=objective)
 
 
 def _interleave(a, b):
@@ -89,19 +94,33 @@ def pgd_at_loss(ctx, params, batch_stats, x, x_adv, y):
 
 # --- trades: CE(clean) + beta KL(p_clean || p_adv) (Zhang et al. 2019) ---------------------------
 
-def trades_adversarial(ctx, params, batch_stats, x, y, key):
-  logits_clean, _, _ = ctx.forward(jax.lax.stop_gradient(params), batch_stats, x, train=False)
+def trades_objective(ctx, params, batch_stats, x):
+  """The TRADES attack's objective: sum_i KL(p_clean_i || p_i) of the attacked points, with
+  p_clean from the model as the attack sees it (the same BatchNorm mode), so it is zero at x."""
+  logits_clean, _ = ctx.attack_apply_fn()(ctx.attack_variables(params, batch_stats), x)
 
-  def kl_objective(logits, embedding, labels):
+  def objective(logits, embedding, labels):
     del embedding, labels
     return jnp.sum(losses.trades_kl(logits_clean, logits))
 
-  return ctx.attack(params, batch_stats, x, y, key, kl_objective, init="normal")
+  return objective
+
+
+def trades_adversarial(ctx, params, batch_stats, x, y, key):
+  # TRADES starts from x + 0.001 N(0, 1) (its reference code), or x without random_start.
+  return ctx.attack(params, batch_stats, x, y, key, trades_objective(ctx, params, batch_stats, x),
+                    init="normal" if ctx.config.attack.random_start else "none")
 
 
 def trades_loss(ctx, params, batch_stats, x, x_adv, y):
-  logits, _, batch_stats = ctx.forward(params, batch_stats, _interleave(x, x_adv))
-  logits_clean, logits_adv = _split(logits)
+  if ctx.config.loss.get("trades_joint_pass", False):
+    logits, _, batch_stats = ctx.forward(params, batch_stats, _interleave(x, x_adv))
+    logits_clean, logits_adv = _split(logits)
+  else:
+    # As the reference (trades.py): the clean and the adversarial batch each pass through the
+    # train-mode model with its own batch statistics; the running averages see both.
+    logits_clean, _, batch_stats = ctx.forward(params, batch_stats, x)
+    logits_adv, _, batch_stats = ctx.forward(params, batch_stats, x_adv)
   ce = jnp.mean(losses.cross_entropy(logits_clean, y))
   kl = jnp.mean(losses.trades_kl(logits_clean, logits_adv))
   loss = ce + ctx.config.loss.trades_beta * kl
@@ -115,8 +134,7 @@ def clead_adversarial(ctx, params, batch_stats, x, y, key):
   cfg = ctx.config
   if cfg.attack.objective == "ce":
     return ctx.attack(params, batch_stats, x, y, key, attacks.ce_objective)
-  variables = jax.lax.stop_gradient({"params": params, "batch_stats": batch_stats})
-  _, z_clean = ctx.attack_apply_fn()(variables, x)
+  _, z_clean = ctx.attack_apply_fn()(ctx.attack_variables(params, batch_stats), x)
   ce_weight = 1.0 if cfg.attack.objective == "both" else 0.0
   contrastive_weight = cfg.loss.lam if cfg.attack.objective == "both" else 1.0
 

@@ -1,0 +1,191 @@
+"""The training recipes that configs/*.py share, as functions of the package, so that a config file
+works from any directory (`--config /any/path/configs/x.py`, with python -m and with the console
+scripts). Each configs/ file holds its command and calls one of these; the values and their
+reasons are written here.
+"""
+
+from clead_jax.default_config import get_base_config
+
+# Networks by the short name a config takes after ':'.
+NETWORKS = {
+    "preact_resnet18": {"name": "preact_resnet18", "width": 64},
+    "resnet18": {"name": "resnet18", "width": 64},
+    "wrn34": {"name": "wide_resnet", "depth": 34, "widen": 10},
+}
+
+
+def set_network(config, network):
+  if network not in NETWORKS:
+    raise ValueError(f"unknown network {network!r} after ':'; choose one of {sorted(NETWORKS)}")
+  for field, value in NETWORKS[network].items():
+    config.model[field] = value
+
+
+def digits():
+  """C-LEAD on scikit-learn's 8x8 digits, L-inf 0.2: the offline quickstart."""
+  config = get_base_config()
+  config.data.name = "digits"
+  config.model.name = "small_cnn"
+  config.model.width = 16
+  config.attack.epsilon = 0.2
+  config.attack.steps = 10
+  config.attack.step_size = 0.05
+  config.train.batch_size = 128
+  config.train.epochs = 30
+  config.train.learning_rate = 0.1
+  config.train.warmup_epochs = 1
+  config.train.log_every = 20
+  config.train.checkpoint_every = 100
+  config.eval.batch_size = 360
+  return config
+
+
+def fashion_mnist(variant="gpu"):
+  """C-LEAD on Fashion-MNIST (28x28 grayscale), L-inf epsilon 0.1, TRADES' SmallCNN.
+
+  gpu: the full recipe. All 60,000 training images (no validation split: the report evaluates
+    the last step), PGD-10 of epsilon/4 from a random start, batch 128, 30 epochs of SGD
+    (momentum 0.9, weight decay 5e-4) with lr 0.05 on a cosine schedule after a 1-epoch warm-up.
+    30 epochs: adversarially trained MNIST-family CNNs are near their plateau by then, and 30
+    epochs of all four methods fit one GPU session (launch/gpu_fashion_mnist.sh).
+  cpu: the same recipe cut to ~10 minutes per run on a 2-core CPU: the first 10,000 training
+    images (the last 5,000 of the split are held out as validation), width 16 (channels 16, 16,
+    32, 32, dense 100), 8 epochs, batch 128; PGD-20 on 500 validation images after epochs 2, 4
+    and 6 picks DIR/best_checkpoint, and the report evaluates the first 1,000 test images.
+  """
+  if variant not in ("gpu", "cpu"):
+    raise ValueError(f"unknown variant {variant!r} after ':'; choose gpu or cpu")
+  config = get_base_config()
+  config.data.name = "fashion_mnist"
+  config.model.name = "mnist_cnn"
+  config.model.width = 32
+  config.attack.norm = "linf"
+  config.attack.epsilon = 0.1
+  config.attack.name = "pgd"
+  config.attack.steps = 10
+  config.attack.step_size = 0.025
+  config.attack.random_start = True
+  config.train.batch_size = 128
+  config.train.epochs = 30
+  config.train.optimizer = "sgd"
+  config.train.learning_rate = 0.05
+  config.train.momentum = 0.9
+  config.train.weight_decay = 5e-4
+  config.train.schedule = "cosine"
+  config.train.warmup_epochs = 1
+  config.train.log_every = 100
+  config.train.checkpoint_every = 1000
+  config.eval.batch_size = 500
+  if variant == "cpu":
+    config.data.validation_size = 5000
+    config.data.train_size = 10000
+    config.model.width = 16
+    config.train.epochs = 8
+    config.train.eval_every = 2
+    config.train.log_every = 20
+    config.train.checkpoint_every = 200
+    config.eval.num_examples = 1000
+    config.eval.during_train_examples = 500
+  return config
+
+
+def cifar10():
+  """C-LEAD on CIFAR-10 with ResNet-18 (configs/cifar10.py)."""
+  config = get_base_config()
+  config.data.name = "cifar10"
+  config.data.augment = True
+  config.data.validation_size = 1000  # eval_every's split: the last 1,000 training images
+  config.model.name = "resnet18"
+  config.model.width = 64
+  config.attack.epsilon = 8 / 255
+  config.attack.steps = 10
+  config.attack.step_size = 2 / 255
+  config.attack.random_start = True
+  config.train.batch_size = 128
+  config.train.epochs = 100
+  config.train.optimizer = "sgd"
+  config.train.learning_rate = 0.1
+  config.train.momentum = 0.9
+  config.train.weight_decay = 5e-4
+  config.train.schedule = "piecewise"
+  config.train.piecewise_boundaries = (0.5, 0.75)
+  config.train.log_every = 100
+  config.train.checkpoint_every = 1000
+  config.train.eval_every = 10
+  config.eval.batch_size = 500
+  return config
+
+
+def pgd_at_rice(network="preact_resnet18"):
+  """PGD-AT as in Rice, Wong & Kolter 2020 (configs/cifar10_pgd_at.py)."""
+  config = get_base_config()
+  config.method = "pgd_at"
+  config.data.name = "cifar10"
+  config.data.augment = True
+  # Rice et al. stop early on 1,000 test images; we choose on 1,000 held-out training images.
+  config.data.validation_size = 1000
+  set_network(config, network)
+  config.attack.norm = "linf"
+  config.attack.epsilon = 8 / 255
+  config.attack.name = "pgd"
+  config.attack.steps = 10
+  config.attack.step_size = 2 / 255
+  config.attack.random_start = True
+  config.attack.bn_mode = "batch"
+  config.train.batch_size = 128
+  config.train.epochs = 200
+  config.train.optimizer = "sgd"
+  config.train.learning_rate = 0.1
+  config.train.momentum = 0.9
+  config.train.nesterov = False
+  config.train.weight_decay = 5e-4
+  config.train.schedule = "piecewise"
+  config.train.warmup_epochs = 0
+  config.train.piecewise_boundaries = (100 / 200, 150 / 200)
+  config.train.log_every = 100
+  config.train.checkpoint_every = 1000
+  config.train.eval_every = 1
+  config.eval.during_train_examples = 1000
+  config.eval.batch_size = 500
+  return config
+
+
+TRADES_DECAY_EPOCHS = (75, 90, 100)  # 1-based epochs from which lr is divided by another 10
+
+
+def trades_zhang(arg="wrn34"):
+  """TRADES as in Zhang et al. 2019 (configs/cifar10_trades.py); arg is NETWORK[,EPOCHS]."""
+  network, _, epochs = arg.partition(",")
+  epochs = int(epochs) if epochs else 76
+  config = get_base_config()
+  config.method = "trades"
+  config.data.name = "cifar10"
+  config.data.augment = True
+  config.data.validation_size = 1000  # the best checkpoint is chosen on held-out training images
+  set_network(config, network)
+  config.attack.norm = "linf"
+  config.attack.epsilon = 8 / 255
+  config.attack.name = "pgd"
+  config.attack.steps = 10
+  config.attack.step_size = 2 / 255
+  config.attack.random_start = True
+  config.attack.bn_mode = "running"
+  config.loss.trades_beta = 6.0
+  config.train.batch_size = 128
+  config.train.epochs = epochs
+  config.train.optimizer = "sgd"
+  config.train.learning_rate = 0.1
+  config.train.momentum = 0.9
+  config.train.nesterov = False
+  config.train.weight_decay = 2e-4 if network == "wrn34" else 5e-4
+  config.train.schedule = "piecewise"
+  config.train.warmup_epochs = 0
+  # Epoch e (1-based) >= 75 trains at 0.01: the boundary is after e - 1 epochs.
+  config.train.piecewise_boundaries = tuple((e - 1) / epochs for e in TRADES_DECAY_EPOCHS
+                                            if e <= epochs)
+  config.train.log_every = 100
+  config.train.checkpoint_every = 1000
+  config.train.eval_every = 1
+  config.eval.during_train_examples = 1000
+  config.eval.batch_size = 500
+  return config

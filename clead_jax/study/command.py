@@ -1,0 +1,73 @@
+"""The study command (console script: clead-study).
+
+  python -m clead_jax.study --config configs/digits.py --methods standard,pgd_at,trades,clead \
+      --seeds 3 --workdir runs/digits_study
+  python -m clead_jax.study --config configs/digits.py --methods clead --baselines pgd_at \
+      --seeds 3 --sweep config.loss.lam=0,0.1,0.5,1,2 --workdir runs/digits_study
+
+Trains and evaluates every method x seed (x sweep setting) not yet finished, then writes
+DIR/study.md, study.json and two plots; see clead_jax/study/runs.py for the layout of DIR. The
+default attacks are FGSM, PGD-20, PGD-100, CW and AutoAttack, plus the paper's transfer attack
+(surrogate: the study's own standard run) when the study trains one.
+"""
+
+import shlex
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from clead_jax import command_line
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory of the study: one sub-directory per run.")
+  flags.DEFINE_string("methods", "standard,pgd_at,trades,clead",
+                      "Comma-separated methods (clead_jax/methods.py METHODS).")
+  flags.DEFINE_integer("seeds", 3, "Seeds per method: config.seed, config.seed + 1, ...")
+  flags.DEFINE_multi_string("sweep", [], "config.field=v1,v2,... (repeat for a grid).")
+  flags.DEFINE_string("baselines", "",
+                      "Comma-separated methods run without the sweep, as reference rows.")
+
+
+def main(argv):
+  command_line.start(argv)
+  command_line.require("config", "workdir")
+  values = flags.FLAGS
+  command_line.log_to(values.workdir)
+  with command_line.user_errors_as_one_line():
+    # pylint: disable=g-import-not-at-top  (after the flags and the signal handlers)
+    import jax
+    from clead_jax import distributed
+    from clead_jax.errors import UserError
+    from clead_jax.study import runs
+    from clead_jax.study import tables
+    distributed.initialize(None, None, None)
+    config = values.config
+    if values.seeds < 1:
+      raise UserError(f"--seeds={values.seeds} must be >= 1")
+    methods = runs.parse_methods(values.methods)
+    baselines = runs.parse_methods(values.baselines, "--baselines") if values.baselines else []
+    sweeps = [runs.parse_sweep(spec, config) for spec in values.sweep]
+    if len({f for f, _ in sweeps}) != len(sweeps):
+      raise UserError("--sweep names a field twice")
+    if not ("config.eval.attacks" in values and values["config.eval.attacks"].present):
+      config.eval.attacks = runs.default_eval_attacks(methods, baselines)
+    command = shlex.join(["python", "-m", "clead_jax.study"] + sys.argv[1:])
+    summary = runs.run_study(config, values.workdir, methods, values.seeds, sweeps, baselines,
+                             None, command, is_writer=jax.process_index() == 0)
+  failed = sum(len(row["seeds_failed"]) for row in summary["rows"])
+  if failed:
+    print(f"error: {failed} run(s) failed; see {tables.stem(summary)}.md; the others are "
+          "summarised", file=sys.stderr)
+    sys.exit(1)
+
+
+def run():
+  command_line.run(main, _define_flags, __doc__)
+
+
+if __name__ == "__main__":
+  run()

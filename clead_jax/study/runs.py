@@ -1,0 +1,245 @@
+"""The study: every method x seed (x sweep setting) trained and evaluated by
+train.train_and_evaluate, then one table, one JSON file and two plots over all of the runs.
+
+  python -m clead_jax.study --config configs/digits.py --methods standard,pgd_at,trades,clead \
+      --seeds 3 --workdir runs/digits_study
+
+Ablations sweep config fields (repeat --sweep for a grid); --baselines adds methods run without
+the sweep, as reference rows:
+
+  python -m clead_jax.study --config configs/digits.py --methods clead --baselines pgd_at \
+      --seeds 3 --sweep config.loss.lam=0,0.1,0.5,1,2 --workdir runs/digits_study
+
+Layout of DIR:
+  <method>/seed<s>/                one run (train.train_and_evaluate's workdir);
+  <method>/<field=value,...>/seed<s>/  a run with swept values other than the config's own; a
+                                   swept value equal to the config's is the plain run, so
+                                   ablations that share DIR with the main study reuse its runs;
+  study.md, study.json, study_robust_vs_clean.png, study_curves.png: the summary; with --sweep
+                                   named after the swept fields (study_loss.lam.md, ...).
+A run whose report.json exists is not repeated (its config.json must match, else an error names
+the differing fields); an unfinished one resumes from its checkpoints. The table and the JSON
+file are rewritten after every run, the plots at the end. Only process 0 prints and writes.
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+
+from clead_jax import config_checks
+from clead_jax import config_tools
+from clead_jax import methods as methods_lib
+from clead_jax import stopping
+from clead_jax import train
+from clead_jax.errors import UserError
+from clead_jax.evaluation import suite
+from clead_jax.study import tables
+
+# The evaluation suite of a study, and the paper's transfer attack for every run but the
+# standard one, whose model is the surrogate (when the study trains one).
+SUITE = ("fgsm", "pgd20", "pgd100", "cw", "autoattack")
+TRANSFER = "transfer_pgd3"
+SURROGATE_METHOD = "standard"
+_NO_SWEEP_FIELDS = ("method", "seed")  # set by --methods and --seeds
+# Fields a finished run may differ in and still count as done: they change neither the training
+# nor the report.
+_REPORT_NEUTRAL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                          "data.data_dir", "data.download", "compilation_cache_dir",
+                          "eval.batch_size")
+
+
+def default_eval_attacks(methods, baselines=()):
+  """config.eval.attacks of a study: the suite, and the transfer attack when the study trains
+  its own standard run to be the surrogate."""
+  names = list(SUITE)
+  if SURROGATE_METHOD in list(methods) + list(baselines):
+    names.append(TRANSFER)
+  return ",".join(names)
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+def parse_methods(text, flag="--methods"):
+  methods = [m.strip() for m in text.split(",") if m.strip()]
+  unknown = [m for m in methods if m not in methods_lib.METHODS]
+  if unknown:
+    raise UserError(f"{flag}: unknown method(s) {unknown}; choose from "
+                    f"{sorted(methods_lib.METHODS)}")
+  if len(set(methods)) != len(methods):
+    raise UserError(f"{flag}={text!r} names a method twice")
+  return methods
+
+
+def _parse_value(text, like, field):
+  """`text` as the type of the field's current value `like`."""
+  try:
+    return config_tools.parse_value(text, like)
+  except ValueError:
+    raise UserError(f"--sweep config.{field}: {text!r} is not a {type(like).__name__}") from None
+  except TypeError:
+    raise UserError(f"--sweep config.{field}: fields of type {type(like).__name__} cannot be "
+                    "swept") from None
+
+
+def parse_sweep(spec, config):
+  """'config.a.b=v1,v2' -> ('a.b', [v1, v2]) with values of the field's type."""
+  field, sep, values = spec.partition("=")
+  field = field.strip().removeprefix("config.")
+  if not sep or not field or not values.strip():
+    raise UserError(f"--sweep {spec!r}: expected config.field=v1,v2,...")
+  if field in _NO_SWEEP_FIELDS:
+    raise UserError(f"--sweep {spec!r}: set config.{field} with --{field}s, not --sweep")
+  try:
+    like = config_tools.get_field(config, field)
+  except KeyError:
+    raise UserError(f"--sweep {spec!r}: config.{field} is not a config field") from None
+  parsed = [_parse_value(v.strip(), like, field) for v in values.split(",") if v.strip()]
+  if len(set(parsed)) != len(parsed):
+    raise UserError(f"--sweep {spec!r} repeats a value")
+  return field, parsed
+
+
+# --- the runs -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A method with a setting of the swept fields; `overrides` are those that differ from the
+  config, and alone decide the directory."""
+  method: str
+  settings: tuple = ()  # ((field, value), ...), every swept field
+  overrides: tuple = ()  # the subset whose value differs from the config's
+
+  @property
+  def label(self):
+    return " ".join([self.method] + [f"{f}={v}" for f, v in self.settings])
+
+  @property
+  def path(self):
+    parts = [self.method]
+    if self.overrides:
+      parts.append(",".join(f"{f}={v}" for f, v in self.overrides))
+    return os.path.join(*parts)
+
+
+def make_variants(config, methods, sweeps, baselines=()):
+  """Baselines without the sweep, then methods x the grid of swept values."""
+  variants = [Variant(m) for m in baselines]
+  fields = [field for field, _ in sweeps]
+  for method in methods:
+    for values in itertools.product(*[vals for _, vals in sweeps]):
+      settings = tuple(zip(fields, values))
+      overrides = tuple((f, v) for f, v in settings if v != config_tools.get_field(config, f))
+      variants.append(Variant(method, settings, overrides))
+  return list(dict.fromkeys(variants))  # a baseline also in --methods, once
+
+
+def run_dir(workdir, variant, seed):
+  return os.path.join(workdir, variant.path, f"seed{seed}")
+
+
+def run_config(config, variant, seed, workdir):
+  """The config of one run. With the transfer attack in the suite, the surrogate is the study's
+  standard run of the same seed; the standard run itself does not attack itself."""
+  config = config.copy_and_resolve_references()
+  config.method = variant.method
+  config.seed = seed
+  for field, value in variant.overrides:
+    config_tools.set_field(config, field, value)
+  names = [n.strip() for n in config.eval.attacks.split(",") if n.strip()]
+  if TRANSFER in names and not config.eval.surrogate:
+    if variant.method == SURROGATE_METHOD and not variant.overrides:
+      config.eval.attacks = ",".join(n for n in names if n != TRANSFER)
+    else:
+      config.eval.surrogate = run_dir(workdir, Variant(SURROGATE_METHOD), seed)
+  return config
+
+
+def finished_report(directory, config):
+  """The run's report if it finished with this config (every attack of config.eval.attacks is
+  in it); None if it has not finished."""
+  report_path = os.path.join(directory, "report.json")
+  if not os.path.exists(report_path):
+    return None
+  with open(os.path.join(directory, "config.json")) as f:
+    on_disk = config_tools.flatten(json.load(f))
+  wanted = config_tools.flatten(json.loads(config.to_json_best_effort(sort_keys=True)))
+  differing = sorted(k for k in on_disk.keys() | wanted.keys()
+                     if on_disk.get(k) != wanted.get(k) and k not in _REPORT_NEUTRAL_FIELDS)
+  if differing:
+    raise UserError(f"{directory} holds a finished run with another config (config."
+                    + ", config.".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
+                    + "); use another --workdir or remove that run")
+  with open(report_path) as f:
+    report = json.load(f)
+  wanted_attacks = suite.parse_attack_names(config.eval.attacks)
+  if any(name not in report["robust_accuracy"] for name in wanted_attacks):
+    return None  # its final evaluation was stopped: the run resumes it
+  return report
+
+
+def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note=None,
+              command=None, train_fn=None, is_writer=True):
+  """Trains and evaluates every run not yet finished; writes and returns the summary.
+
+  A stop (SIGINT/SIGTERM) ends the run in progress as training does, writes the summary of the
+  finished runs and raises stopping.Stopped.
+  """
+  train_fn = train_fn or train.train_and_evaluate
+  say = (lambda text: print(text, flush=True)) if is_writer else (lambda text: None)
+  start = time.time()
+  seeds = [config.seed + k for k in range(num_seeds)]
+  variants = make_variants(config, methods, sweeps, baselines)
+  # The surrogate of the transfer attack trains before the runs that use it.
+  variants.sort(key=lambda v: v.method != SURROGATE_METHOD or bool(v.overrides))
+  runs = [(v, s, run_config(config, v, s, workdir), run_dir(workdir, v, s))
+          for v in variants for s in seeds]
+  for _, _, run_cfg, _ in runs:  # every config error before any work
+    config_checks.validate(run_cfg)
+  # Runs that finished earlier are read first, so a changed config stops the study before any work.
+  reports = {(v, s): finished_report(d, c) for v, s, c, d in runs}
+  reports = {k: r for k, r in reports.items() if r is not None}
+  failures = {}
+
+  def refresh(plots):
+    summary = tables.summarize(config, variants, seeds, reports, failures, sweeps, note, command,
+                               time.time() - start)
+    if is_writer:
+      tables.write_study(workdir, summary, plots)
+    return summary
+
+  say(f"study: {len(runs)} runs, {len(reports)} finished earlier; writing {workdir}")
+  for index, (variant, seed, run_cfg, directory) in enumerate(runs, 1):
+    where = f"[{index}/{len(runs)}] {variant.label} seed {seed}"
+    if (variant, seed) in reports:
+      say(f"study: {where}: finished earlier ({_short(reports[(variant, seed)])}), skipped")
+      continue
+    say(f"study: {where}: training in {directory}")
+    try:
+      report = train_fn(run_cfg, directory)
+    except UserError as e:  # e.g. a non-finite loss: record it, go on with the others
+      failures[(variant, seed)] = str(e)
+      say(f"study: {where}: FAILED: {e}")
+    except stopping.Stopped as stopped:
+      refresh(plots=False)
+      stopped.what_was_kept = (f"study run {where}: {stopped.what_was_kept}; the finished runs "
+                               f"are summarised in {tables.stem_path(workdir, sweeps)}.md; run "
+                               "the same study command to resume")
+      raise
+    else:
+      reports[(variant, seed)] = report
+      say(f"study: {where}: done ({_short(report)})")
+    refresh(plots=False)  # the table after every run; the plots once, at the end
+  summary = refresh(plots=True)
+  say(f"study: wrote {os.path.join(workdir, tables.stem(summary))}.md")
+  return summary
+
+
+def _short(report):
+  parts = [f"clean {report['clean_accuracy']:.3f}"]
+  parts += [f"{name} {report['robust_accuracy'][name]:.3f}" for name in ("pgd20", "autoattack")
+            if name in report["robust_accuracy"]]
+  return ", ".join(parts)
+
+

@@ -1,0 +1,26 @@
+"""C-LEAD on Fashion-MNIST (TFDS fashion_mnist, 60,000 + 10,000 28x28 images), L-inf epsilon 0.1,
+TRADES' SmallCNN (model mnist_cnn). The recipe and the reasons for its values:
+clead_jax/recipes.py, fashion_mnist().
+
+Offline, prepare the dataset once from the four original IDX files:
+
+  apt-get install dataset-fashion-mnist && python -m clead_jax.prepare fashion_mnist
+
+The full recipe (one GPU; launch/gpu_fashion_mnist.sh runs all four methods):
+
+  python -m clead_jax.main --config configs/fashion_mnist.py --workdir runs/fashion_mnist
+
+The CPU recipe (about 10 minutes per run on 2 cores: 10,000 training images, width 16, 8 epochs,
+a 5,000-image validation split, the first 1,000 test images):
+
+  python -m clead_jax.main --config configs/fashion_mnist.py:cpu --workdir runs/fashion_mnist_cpu
+  python -m clead_jax.study --config configs/fashion_mnist.py:cpu --methods standard,pgd_at,trades,clead --seeds 1 --workdir runs/fashion_mnist_study
+
+Other methods: --config.method=standard | pgd_at | trades.
+"""
+
+from clead_jax import recipes
+
+
+def get_config(variant="gpu"):
+  return recipes.fashion_mnist(variant)
