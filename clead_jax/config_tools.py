@@ -7,7 +7,6 @@ A leaf module (it imports nothing of clead_jax).
 import difflib
 import importlib.util
 import os
-import sys
 
 
 def get_field(config, field):
@@ -94,6 +93,3 @@ def save_figure(fig, path):
   plt.close(fig)
   os.replace(tmp, path)
 
-
-def warn(message):
-  print(f"warning: {message}", file=sys.stderr, flush=True)

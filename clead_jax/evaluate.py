@@ -10,9 +10,21 @@ adds them to DIR/report.json and report.md: the attacks it ran are added or repl
 kept, as long as the report is of the same checkpoint, epsilon, norm and examples (else the old
 report is kept as report.<step>.json). AutoAttack saves its progress in DIR/autoattack_state/; a
 stopped evaluation resumes when the same command runs again. See clead_jax/evaluation/.
+
+A PyTorch checkpoint (ours from clead_jax.export, RobustBench's, or any state dict of a registry
+architecture, nested under 'state_dict' and prefixed by 'module.' or 'model.' or not):
+
+  python -m clead_jax.evaluate --torch_checkpoint model.pt --config configs/cifar10.py \
+      --config.model.name=wide_resnet --config.model.depth=28 --config.model.widen=10 \
+      --workdir runs/imported --attacks=autoattack
+
+converts the weights into the config's Flax model (a mismatch is one line naming the first
+offending tensor) and writes the usual report into --workdir. Inputs are in [0, 1]; the
+normalisation is the checkpoint's own ('mean'/'std' entries, as our exports have) or none.
 """
 
 from absl import flags
+from ml_collections import config_flags
 
 from clead_jax import command_line
 from clead_jax import stopping
@@ -28,6 +40,10 @@ def _define_flags():
   flags.DEFINE_integer(
       "num_examples", None, "Test examples to use (the first N); default config.eval.num_examples; "
       "-1: the whole split.")
+  flags.DEFINE_string("torch_checkpoint", None, "A PyTorch checkpoint to evaluate instead of a "
+                      "training workdir's (needs --config; --workdir receives the report).")
+  config_flags.DEFINE_config_file("config", None, "With --torch_checkpoint: the config of the "
+                                  "data, model and threat model.", lock_config=True)
 
 
 def main(argv):
@@ -39,12 +55,24 @@ def main(argv):
     # pylint: disable=g-import-not-at-top  (after the flags and the signal handlers)
     from clead_jax import distributed
     from clead_jax import report as report_lib
+    from clead_jax.errors import UserError
     from clead_jax.evaluation import workdir as workdir_lib
     import jax
     distributed.initialize()
     try:
-      report = workdir_lib.evaluate_workdir(values.workdir, values.attacks, values.checkpoint,
-                                            values.num_examples)
+      if values.torch_checkpoint:
+        if values.config is None:
+          raise UserError("--torch_checkpoint needs --config FILE: the data, model and threat "
+                          "model to evaluate it with")
+        report = workdir_lib.evaluate_torch_checkpoint(
+            values.config, values.torch_checkpoint, values.workdir, values.attacks,
+            values.num_examples)
+      elif values.config is not None:
+        raise UserError("--config is only for --torch_checkpoint; a training workdir's evaluation "
+                        "uses DIR/config.json")
+      else:
+        report = workdir_lib.evaluate_workdir(values.workdir, values.attacks, values.checkpoint,
+                                              values.num_examples)
     except stopping.Stopped as stopped:
       stopped.what_was_kept = ("the report keeps every attack finished so far"
                                + (f"; {stopped.what_was_kept}" if stopped.what_was_kept else "")

@@ -187,7 +187,8 @@ def from_torch(model_config, state, abstract_variables, source="the PyTorch chec
                head=None):
   """Flax variables (numpy) of `state` for the model of `abstract_variables` (shapes only).
 
-  The projection head comes from `head` (an export's) or is zero: it does not affect logits.
+  The projection head comes from `head` (an export's) when its shapes fit, else it is zero: it
+  does not affect the logits.
   A missing, unexpected or wrongly shaped tensor is one UserError naming the first one.
   """
   params = abstract_variables["params"]["backbone"]
@@ -217,8 +218,11 @@ def from_torch(model_config, state, abstract_variables, source="the PyTorch chec
       node = node.setdefault(part, {})
     node[path[-1]] = value
   head_abstract = abstract_variables["params"]["ProjectionHead_0"]
-  out["params"]["ProjectionHead_0"] = {
-      layer: {leaf: (np.asarray(head[f"{layer}.{leaf}"], np.float32) if head
+  fits = head is not None and all(
+      f"{layer}.{leaf}" in head and np.shape(head[f"{layer}.{leaf}"]) == tuple(a.shape)
+      for layer, leaves in head_abstract.items() for leaf, a in leaves.items())
+  out["params"]["ProjectionHead_0"] = {  # another projection_dim: zeros (logits do not use it)
+      layer: {leaf: (np.asarray(head[f"{layer}.{leaf}"], np.float32) if fits
                      else np.zeros(a.shape, np.float32)) for leaf, a in leaves.items()}
       for layer, leaves in head_abstract.items()}
   if not out["batch_stats"]["backbone"]:

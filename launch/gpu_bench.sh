@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks the C-LEAD train step (PGD-10) on one NVIDIA GPU: ResNet-18 (width 64) and WRN-34-10,
 # batch 128 and 512, bfloat16 and float32 compute, then PGD-20 on ResNet-18; one JSON per run.
+# SUITE=compare (about 6 minutes) measures against PyTorch at its best and the reference AutoAttack:
+# the train step against PyTorch eager (channels_last, autocast, cuDNN benchmark) and under
+# torch.compile, AutoAttack standard ours against pyautoattack on the same weights and points, and
+# one epoch of the real training loop on a SYNTHETIC 50,000-image TFDS cifar10 beside the bench's
+# step rate for the same model, batch and dtype.
 # SUITE=attacks times instead every evaluation attack of the README's attack-time table on one
 # batch of 256 CIFAR-sized images for ResNet-18 (width 64): FGSM, PGD-20, PGD-100, CW, AutoAttack.
 # Meant to finish within 8 minutes: ResNet-18 first, a deadline that skips what would not fit,
@@ -56,10 +61,23 @@ attack_runs=(
   "attacks_resnet18_b256_fgsm_pgd_cw|attacks $r18 --batch 256 --attacks fgsm,pgd20,pgd100,cw --runs 3"
   "attacks_resnet18_b256_autoattack|attacks $r18 --batch 256 --attacks autoattack --runs 1"
 )
+# SUITE=compare, ordered by value; '!' rows run "$python ARGS" instead of the bench.
+compare_runs=(
+  "compare_resnet18_b512_bfloat16|train_step $r18 --batch 512 --pgd-steps 10 --dtype bfloat16 --runs 5 --compare torch,torch_compile --torch-device cuda"
+  "compare_autoattack_resnet18_n1000|autoattack $r18 --num_examples 1000 --batch 500 --compare reference --torch-device cuda"
+  "compare_resnet18_b512_float32|train_step $r18 --batch 512 --pgd-steps 10 --dtype float32 --runs 5 --compare torch --torch-device cuda"
+  "compare_resnet18_b128_float32|train_step $r18 --batch 128 --pgd-steps 10 --dtype float32 --runs 5 --compare torch --torch-device cuda"
+  "synthetic_cifar10|synthetic_cifar10 --data_dir $out_dir/tfds"
+  "loop_resnet18_b128_float32|!-m clead_jax.main --config configs/cifar10.py --workdir $out_dir/loop --config.data.data_dir=$out_dir/tfds --config.data.download=false --config.train.epochs=1 --config.train.log_every=50 --config.eval.attacks=fgsm --config.eval.num_examples=256 --config.eval.curve_points=0"
+  "loop_rate|loop_rate --workdir $out_dir/loop"
+  "compare_resnet18_b128_bfloat16|train_step $r18 --batch 128 --pgd-steps 10 --dtype bfloat16 --runs 5 --compare torch --torch-device cuda"
+  "compare_wrn34-10_b128_bfloat16|train_step $wrn --batch 128 --pgd-steps 10 --dtype bfloat16 --runs 5 --compare torch --torch-device cuda"
+)
 case "$suite" in
   train) ;;
   attacks) runs=("${attack_runs[@]}") ;;
-  *) echo "launch/gpu_bench.sh: SUITE=$suite is not train or attacks" >&2; exit 2 ;;
+  compare) runs=("${compare_runs[@]}"); budget_s=${BUDGET_S:-360} ;;
+  *) echo "launch/gpu_bench.sh: SUITE=$suite is not train, attacks or compare" >&2; exit 2 ;;
 esac
 
 # The compilation cache makes a second invocation skip most compile time.
@@ -69,7 +87,12 @@ if [[ $dry_run == 1 ]]; then
   echo "mkdir -p $out_dir"
   for entry in "${runs[@]}"; do
     name=${entry%%|*}
-    echo "timeout $run_timeout_s env $env_prefix $python -m clead_jax.bench ${entry#*|} --json $out_dir/$name.json"
+    args=${entry#*|}
+    if [[ $args == !* ]]; then
+      echo "timeout $run_timeout_s env $env_prefix $python ${args#!}"
+    else
+      echo "timeout $run_timeout_s env $env_prefix $python -m clead_jax.bench $args --json $out_dir/$name.json"
+    fi
   done
   exit 0
 fi
@@ -92,9 +115,15 @@ for entry in "${runs[@]}"; do
   fi
   limit=$(( left < run_timeout_s ? left : run_timeout_s ))
   echo "== $name (limit ${limit}s)"
-  # shellcheck disable=SC2086  # the bench arguments are meant to split into words
-  timeout "$limit" env $env_prefix "$python" -m clead_jax.bench ${entry#*|} \
-      --json "$out_dir/$name.json" 2>&1 | tee "$out_dir/$name.log"
+  args=${entry#*|}
+  if [[ $args == !* ]]; then
+    # shellcheck disable=SC2086  # the arguments are meant to split into words
+    timeout "$limit" env $env_prefix "$python" ${args#!} 2>&1 | tee "$out_dir/$name.log"
+  else
+    # shellcheck disable=SC2086
+    timeout "$limit" env $env_prefix "$python" -m clead_jax.bench $args \
+        --json "$out_dir/$name.json" 2>&1 | tee "$out_dir/$name.log"
+  fi
   status=${PIPESTATUS[0]}
   if [[ $status -ne 0 ]]; then
     failed=$((failed + 1))

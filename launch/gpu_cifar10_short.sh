@@ -55,14 +55,14 @@ fi
 # attack in ATTACKS is registered.
 preflight_code="
 import sys, jax
-from clead_jax import attacks
+from clead_jax.evaluation import suite
 device = jax.devices()[0]
 print(f'preflight: {jax.device_count()} {device.platform} device(s): {device.device_kind}')
 if device.platform != 'gpu':
     sys.exit('preflight: no GPU visible to JAX; install jax[cuda12] or check the driver')
-missing = [a for a in sys.argv[1].split(',') if a not in attacks.EVAL_ATTACKS]
+missing = [a for a in sys.argv[1].split(',') if a not in suite.ATTACK_NAMES]
 if missing:
-    sys.exit(f'preflight: attack(s) {missing} are not in clead_jax.attacks.EVAL_ATTACKS')
+    sys.exit(f'preflight: attack(s) {missing} are not in clead_jax.evaluation.suite.ATTACK_NAMES')
 "
 
 run() {

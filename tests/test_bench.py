@@ -126,3 +126,48 @@ def test_train_step_command_writes_the_json(tmp_path):
     assert result["torch_images_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["jax_images_per_s"] /
                                             result["torch_images_per_s"])
+
+
+def _torch_reference_weights(config, variables):
+  """Our ResNet-18's variables as the bench reference's state_dict (its block and head names)."""
+  from clead_jax import export  # pylint: disable=g-import-not-at-top
+  state, head = export.to_torch(config.model, variables)
+  renamed = {}
+  for key, value in state.items():
+    if key.startswith("layer"):
+      stage, index, rest = key[len("layer"):].split(".", 2)
+      key = f"blocks.{2 * (int(stage) - 1) + int(index)}.{rest}"
+    renamed[key] = value
+  for layer, torch_layer in (("Dense_0", "head.0"), ("Dense_1", "head.2")):
+    renamed[f"{torch_layer}.weight"] = head[f"{layer}.kernel"].T
+    renamed[f"{torch_layer}.bias"] = head[f"{layer}.bias"]
+  return renamed
+
+
+@pytest.mark.parametrize("reference", ["torch", "torch_compile"])
+def test_the_torch_references_compute_our_clead_loss(reference):
+  """Same weights, same clean and adversarial batch: our C-LEAD loss (methods.clead_loss, one
+  joint train-mode pass) and the reference's, eager with channels_last and under torch.compile
+  (backend aot_eager here: Dynamo and AOTAutograd's graphs without a C++ toolchain)."""
+  torch = pytest.importorskip("torch")
+  from clead_jax import methods  # pylint: disable=g-import-not-at-top
+  config = workloads.load_config(overrides={"model.width": 4, "method": "clead",
+                                            "data.augment": False})
+  network = models.build_network(config.model, 10, workloads.CIFAR10_MEAN, workloads.CIFAR10_STD)
+  variables = jax.device_get(network.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
+  x_adv = np.clip(x + rng.uniform(-0.03, 0.03, x.shape), 0, 1).astype(np.float32)
+  y = rng.integers(0, 10, 8).astype(np.int32)
+  ours, _ = methods.clead_loss(methods.Context(network, config), variables["params"],
+                               variables["batch_stats"], jnp.asarray(x), jnp.asarray(x_adv),
+                               jnp.asarray(y))
+  step = workloads.torch_clead_step(config, compiled=reference == "torch_compile",
+                                    compile_backend="aot_eager")
+  loaded = step.module.load_state_dict(
+      {k: torch.as_tensor(np.asarray(v))
+       for k, v in _torch_reference_weights(config, variables).items()}, strict=False)
+  assert set(loaded.missing_keys) == {"mean", "std"} and not loaded.unexpected_keys
+  nchw = lambda a: torch.as_tensor(a).permute(0, 3, 1, 2).contiguous()
+  theirs = step.loss(nchw(x), nchw(x_adv), torch.as_tensor(y).long())
+  np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-4)

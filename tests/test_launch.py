@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import REPO
 
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gke.sh",
-           "launch/gpu_bench.sh", "launch/gpu_cifar10_short.sh", "launch/dry_run.sh"]
+           "launch/gpu_bench.sh", "launch/gpu_cifar10_short.sh", "launch/gpu_fashion_mnist.sh",
+           "launch/dry_run.sh"]
 MAIN_ARGS = ["--config", "configs/cifar10.py", "--workdir", "/shared/runs/a b",
              "--config.eval.attacks=pgd20,cw", "--config.train.init_from=it's"]
 
@@ -245,3 +246,70 @@ def test_gpu_cifar10_short_dry_run_prints_the_training_command():
   assert train[train.index("--config") + 1] == "configs/cifar10.py"
   assert "--workdir" in train and train[train.index("--workdir") + 1] == "WORK"
   assert "--config.train.epochs=3" in train and "--config.eval.num_examples=1000" in train
+
+
+def test_gpu_fashion_mnist_dry_run_prepares_then_runs_the_full_study():
+  """The dry run prints the prepare command and the study command, and both parse as the real
+  commands' flags (checked by running them with --help would import JAX: the flags are checked
+  against the commands' own definitions instead)."""
+  env = dict(os.environ, IDX_DIR="/data/idx", DATA_DIR="/data/tfds", EPOCHS="2")
+  out = subprocess.run(["bash", "launch/gpu_fashion_mnist.sh", "--dry-run", "WORK"], cwd=REPO,
+                       check=True, capture_output=True, text=True, env=env).stdout
+  commands = [shlex.split(line) for line in out.splitlines() if " -m clead_jax." in line]
+  prepare, study = commands[0], next(c for c in commands if "clead_jax.study" in c)
+  assert prepare[prepare.index("-m") + 1:] == ["clead_jax.prepare", "fashion_mnist", "--data_dir",
+                                               "/data/tfds", "--from", "/data/idx"]
+  assert study[:4] == ["timeout", "--signal=TERM", "--kill-after=120", "3000"]
+  assert study[study.index("--config") + 1] == "configs/fashion_mnist.py"
+  assert study[study.index("--methods") + 1] == "standard,pgd_at,trades,clead"
+  assert study[study.index("--workdir") + 1] == "WORK"
+  for flag in ("--config.data.data_dir=/data/tfds", "--config.train.epochs=2",
+               "--config.eval.num_examples=-1",
+               "--config.eval.attacks=fgsm,pgd20,pgd100,cw,autoattack,transfer_pgd3"):
+    assert flag in study, flag
+  # Every --config.* override names a real field of the recipe.
+  from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
+  config = config_tools.load_config_file(os.path.join(REPO, "configs", "fashion_mnist.py"))
+  for arg in study:
+    if arg.startswith("--config."):
+      field, value = arg[len("--config."):].split("=", 1)
+      config_tools.set_field(config, field, config_tools.parse_value(
+          value, config_tools.get_field(config, field)))
+  from clead_jax import config_checks  # pylint: disable=g-import-not-at-top
+  config.eval.surrogate = "WORK/standard/seed0"  # the study sets each run's surrogate
+  config_checks.validate(config)
+
+
+def test_gpu_bench_compare_suite_has_every_row_of_the_comparison():
+  """SUITE=compare: ResNet-18 b512 bf16 against eager and torch.compile, b512 fp32, b128 bf16,
+  WRN-34-10 b128 bf16, AutoAttack against the reference, and the real loop on a synthetic TFDS
+  dataset beside the step at the same model, batch and dtype; every row parses."""
+  from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
+  from clead_jax.bench import cli  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, SUITE="compare")
+  out = subprocess.run(["bash", "launch/gpu_bench.sh", "--dry-run", "OUT"], cwd=REPO, check=True,
+                       capture_output=True, text=True, env=env).stdout
+  rows, loop = set(), None
+  for line in out.splitlines():
+    argv = shlex.split(line)
+    if "clead_jax.bench" in argv:
+      args = cli._parser().parse_args(argv[argv.index("clead_jax.bench") + 1:])  # pylint: disable=protected-access
+      if args.command == "train_step":
+        rows.add((args.model, args.batch, args.dtype, args.compare))
+      else:
+        rows.add((args.command, getattr(args, "compare", None)))
+    elif "clead_jax.main" in argv:
+      loop = argv[argv.index("clead_jax.main") + 1:]
+  assert ("resnet18", 512, "bfloat16", "torch,torch_compile") in rows
+  for row in (("resnet18", 512, "float32", "torch"), ("resnet18", 128, "bfloat16", "torch"),
+              ("wide_resnet", 128, "bfloat16", "torch"), ("resnet18", 128, "float32", "torch"),
+              ("autoattack", "reference"), ("synthetic_cifar10", None), ("loop_rate", None)):
+    assert row in rows, row
+  config = config_tools.load_config_file(os.path.join(REPO, loop[loop.index("--config") + 1]))
+  for arg in loop:
+    if arg.startswith("--config."):
+      field, value = arg[len("--config."):].split("=", 1)
+      config_tools.get_field(config, field)  # a real field
+  assert (config.model.name, config.train.batch_size, config.model.dtype) == (
+      "resnet18", 128, "float32")  # the step row it is compared with
+

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from clead_jax.bench import measure
 from clead_jax.bench import workloads
+from clead_jax.errors import UserError
 from clead_jax.evaluation import suite
 
 JSON_KEYS = ("jax_images_per_s", "torch_images_per_s", "ratio", "jax_compile_s",
@@ -49,8 +50,10 @@ def _parser():
     sub.add_argument("--batch", type=int, default=128, help="images per step or attack call")
     sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                      help="config.model.dtype (compute; params stay float32)")
-    sub.add_argument("--compare", choices=("torch",), default=None,
-                     help="also time the PyTorch reference in this process")
+    sub.add_argument("--compare", default=None,
+                     help="also time PyTorch references in this process: torch (eager, "
+                          "channels_last, autocast for bf16, cuDNN benchmark), torch_compile "
+                          "(the same under torch.compile), or both, comma-separated")
     sub.add_argument("--torch-device", default="cpu", help="device of the PyTorch reference")
     sub.add_argument("--runs", type=int, default=5, help="timed runs after warm-up (median)")
     sub.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
@@ -71,6 +74,30 @@ def _parser():
     else:
       sub.add_argument("--attacks", default="pgd20,autoattack",
                        help="comma-separated white-box evaluation attacks (evaluation/suite.py)")
+  compare = commands.add_parser(
+      "autoattack", help="AutoAttack standard, ours against the reference (pyautoattack)")
+  compare.add_argument("--model", default="resnet18")
+  compare.add_argument("--width", type=int, default=64)
+  compare.add_argument("--depth", type=int, default=34)
+  compare.add_argument("--widen", type=int, default=10)
+  compare.add_argument("--num_examples", type=int, default=256)
+  compare.add_argument("--batch", type=int, default=256, help="batch size of both")
+  compare.add_argument("--epsilon", type=float, default=1 / 255,
+                       help="L-inf epsilon (small: a random model must keep some points)")
+  compare.add_argument("--compare", choices=("reference",), default=None)
+  compare.add_argument("--torch-device", default="cpu")
+  compare.add_argument("--config", default=workloads.DEFAULT_CONFIG)
+  compare.add_argument("--json", default=None)
+  synthetic = commands.add_parser(
+      "synthetic_cifar10", help="write a SYNTHETIC TFDS cifar10 (random images) for timing")
+  synthetic.add_argument("--data_dir", required=True)
+  synthetic.add_argument("--num_train", type=int, default=50000)
+  synthetic.add_argument("--num_test", type=int, default=10000)
+  synthetic.add_argument("--json", default=None, help="where to note the dataset written")
+  loop = commands.add_parser(
+      "loop_rate", help="training images/s of a real run, from its metrics.jsonl")
+  loop.add_argument("--workdir", required=True)
+  loop.add_argument("--json", default=None)
   commands.add_parser("table", help="the markdown table of saved --json results").add_argument(
       "paths", nargs="+", metavar="RESULT.json")
   return parser
@@ -86,11 +113,21 @@ def _config(args):
   return workloads.load_config(args.config, overrides)
 
 
+def _references(args):
+  """The PyTorch references --compare names, in order."""
+  names = [n.strip() for n in (args.compare or "").split(",") if n.strip()]
+  unknown = [n for n in names if n not in workloads.TORCH_REFERENCES]
+  if unknown:
+    raise UserError(f"--compare {args.compare}: unknown reference(s) {unknown}; choose from "
+                    f"{sorted(workloads.TORCH_REFERENCES)}")
+  return names
+
+
 def _peak_flops(args):
   """The larger of XLA's and (when compared) PyTorch's large-matmul FLOP/s, in --dtype."""
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   peaks = {"jax_matmul": measure.matmul_peak_jax(dtype)}
-  if args.compare == "torch":
+  if _references(args):
     import torch  # pylint: disable=g-import-not-at-top
     size = 2048
     a = torch.randn(size, size, device=args.torch_device,
@@ -148,7 +185,7 @@ def _summary(jax_timing, torch_timing, peak, peaks, label, args):
       "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
       "command": args.command_line,
   }
-  if args.compare == "torch":
+  if _references(args):
     import torch  # pylint: disable=g-import-not-at-top
     result["torch_threads"] = torch.get_num_threads()
     result["torch_device"] = args.torch_device
@@ -204,8 +241,10 @@ def train_step(args):
   config = _config(args)
   peak, peaks = _peak_flops(args)
   torch_fn = None
-  if args.compare == "torch":
-    torch_fn = lambda: workloads.torch_train_step(config, args.runs, args.warmup, args.torch_device)
+  references = _references(args)
+  if references:
+    torch_fn = lambda: workloads.torch_train_step(config, args.runs, args.warmup, args.torch_device,
+                                                  references[0])
 
   def jax_fn():
     with workloads.convolutions(args.conv):
@@ -217,6 +256,12 @@ def train_step(args):
                     _label(args, f"clead pgd{args.pgd_steps}"), args)
   result["round_ratios"] = [j.images_per_s / t.images_per_s
                             for j, t in zip(jax_timings, torch_timings)]
+  result["torch_reference"] = references[0] if references else None
+  for reference in references[1:]:  # further references: their images/s and our ratio to them
+    timing = workloads.torch_train_step(config, args.runs, args.warmup, args.torch_device,
+                                        reference)
+    result[f"{reference}_images_per_s"] = timing.images_per_s
+    result[f"ratio_vs_{reference}"] = result["jax_images_per_s"] / timing.images_per_s
   _print(result)
   print(markdown_row(result))
   return result
@@ -232,11 +277,11 @@ def run_attacks(args):
       print(f"note: {notes[-1]}", flush=True)
       continue
     torch_fn = None
-    if args.compare == "torch" and name in TORCH_ATTACKS:
+    if "torch" in _references(args) and name in TORCH_ATTACKS:
       steps, divisor = TORCH_ATTACKS[name]
       torch_fn = lambda steps=steps, divisor=divisor: workloads.torch_pgd(
           config, steps, divisor, args.batch, args.runs, args.warmup, args.torch_device)
-    elif args.compare == "torch":
+    elif _references(args):
       notes.append(f"{name}: no PyTorch reference; JAX only")
       print(f"note: {notes[-1]}", flush=True)
 
@@ -275,9 +320,42 @@ def main(argv=None):
     print(table(args.paths))
     return {}
   args.command_line = "python -m clead_jax.bench " + " ".join(argv)
+  if args.command == "loop_rate":
+    result = workloads.loop_rate(args.workdir)
+    result["command"] = args.command_line
+    print(json.dumps(result, indent=2), flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+  if args.command == "synthetic_cifar10":
+    written = workloads.write_synthetic_cifar10(args.data_dir, args.num_train, args.num_test)
+    print(f"clead_jax.bench: SYNTHETIC cifar10 (random images) in {written}", flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"synthetic_cifar10": written}, f)
+    return {}
   print(f"{measure.machine_description()}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}", flush=True)
-  result = train_step(args) if args.command == "train_step" else run_attacks(args)
+  if args.command == "autoattack":
+    config = workloads.load_config(args.config, {"model.name": args.model, "model.width": args.width,
+                                                 "model.depth": args.depth,
+                                                 "model.widen": args.widen,
+                                                 "train.batch_size": min(args.num_examples, 128)})
+    result = workloads.autoattack_compare(config, args.num_examples, args.batch,
+                                          epsilon=args.epsilon,
+                                          reference=args.compare == "reference",
+                                          torch_device=args.torch_device)
+    result.update(device=measure.machine_description(), versions=measure.versions(),
+                  command=args.command_line, workload=f"autoattack {args.model} "
+                  f"n{args.num_examples}")
+    print(json.dumps(result, indent=2), flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+  else:
+    result = train_step(args) if args.command == "train_step" else run_attacks(args)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

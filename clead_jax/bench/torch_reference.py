@@ -9,6 +9,10 @@ with respect to the input only; one joint train-mode forward of the interleaved 
 batch; CE(adv) + CE(clean) + lambda InfoNCE with pair positives; SGD with momentum and weight
 decay on every parameter (optax.add_decayed_weights then optax.sgd). With bfloat16, the step runs
 under torch.autocast (float32 parameters, bfloat16 compute), as config.model.dtype does in JAX.
+
+Written as a careful PyTorch user writes it for a GPU: channels_last memory format for the model
+and the images, cuDNN's benchmark mode (it picks the fastest convolution algorithm per shape), and
+optionally the model under torch.compile (`compiled=True`; the 'torch_compile' reference).
 """
 
 import torch
@@ -120,33 +124,48 @@ class CleadStep:
   """One C-LEAD step: PGD (BN eval) -> joint train-mode forward -> loss -> SGD update."""
 
   def __init__(self, model, *, epsilon, step_size, steps, lam, clean_weight, temperature,
-               learning_rate, momentum, weight_decay, augment_images=True, bfloat16=False):
-    self.model = model
+               learning_rate, momentum, weight_decay, augment_images=True, bfloat16=False,
+               channels_last=True, compiled=False, compile_backend="inductor"):
+    if channels_last:
+      model = model.to(memory_format=torch.channels_last)
+    if next(model.parameters()).is_cuda:
+      torch.backends.cudnn.benchmark = True
+    self.channels_last = channels_last
+    self.module = model  # its parameters and modes
+    self.model = torch.compile(model, backend=compile_backend) if compiled else model
     self.bfloat16 = bfloat16
     self.attack = dict(epsilon=epsilon, step_size=step_size, steps=steps)
     self.lam, self.clean_weight, self.temperature = lam, clean_weight, temperature
     self.augment_images = augment_images
-    self.optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum,
-                                     weight_decay=weight_decay)
+    self.optimizer = torch.optim.SGD(self.module.parameters(), lr=learning_rate,
+                                     momentum=momentum, weight_decay=weight_decay)
 
   def __call__(self, images_uint8, y):
     device_type = images_uint8.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bfloat16):
       return self._step(images_uint8, y)
 
-  def _step(self, images_uint8, y):
-    x = images_uint8.float() / 255.0
-    if self.augment_images:
-      x = augment(x)
-    self.model.eval()
-    x_adv = pgd(self.model, x, y, **self.attack)
-    self.model.train()
-    both = torch.stack([x, x_adv], 1).reshape(-1, *x.shape[1:])
+  def _layout(self, x):
+    return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+  def loss(self, x, x_adv, y):
+    """CE(adv) + w CE(clean) + lambda InfoNCE of one joint train-mode forward (BatchNorm batch
+    statistics, running averages updated)."""
+    self.module.train()
+    both = self._layout(torch.stack([x, x_adv], 1).reshape(-1, *x.shape[1:]))
     logits, z = self.model(both)
-    ce_clean = F.cross_entropy(logits[0::2], y)
-    ce_adv = F.cross_entropy(logits[1::2], y)
-    loss = ce_adv + self.clean_weight * ce_clean + self.lam * info_nce_pair(
-        z[0::2], z[1::2], y, self.temperature)
+    ce_clean = F.cross_entropy(logits[0::2].float(), y)
+    ce_adv = F.cross_entropy(logits[1::2].float(), y)
+    return ce_adv + self.clean_weight * ce_clean + self.lam * info_nce_pair(
+        z[0::2].float(), z[1::2].float(), y, self.temperature)
+
+  def _step(self, images_uint8, y):
+    x = self._layout(images_uint8.float() / 255.0)
+    if self.augment_images:
+      x = self._layout(augment(x))
+    self.module.eval()
+    x_adv = pgd(self.model, x, y, **self.attack)
+    loss = self.loss(x, x_adv, y)
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     self.optimizer.step()

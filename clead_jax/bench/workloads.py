@@ -163,27 +163,38 @@ def _torch_sync(device):
     torch.cuda.synchronize()
 
 
-def torch_train_step(config, runs, warmup=1, device="cpu"):
-  """The PyTorch reference C-LEAD step for the same config, same batch size."""
+def torch_clead_step(config, device="cpu", compiled=False, compile_backend="inductor"):
+  """The PyTorch reference's C-LEAD step object for a config (eager, or under torch.compile)."""
   import torch  # pylint: disable=g-import-not-at-top
   from clead_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
   if config.method != "clead" or config.loss.positives != "pair" or config.attack.norm != "linf":
     raise ValueError("the PyTorch reference is C-LEAD with pair positives under L-inf only")
   torch.manual_seed(config.seed)
-  model = _torch_model(config, device)
-  step = torch_reference.CleadStep(
-      model, epsilon=config.attack.epsilon, step_size=config.attack.step_size,
-      steps=config.attack.steps, lam=config.loss.lam, clean_weight=config.loss.clean_weight,
-      temperature=config.loss.temperature, learning_rate=config.train.learning_rate,
-      momentum=config.train.momentum, weight_decay=config.train.weight_decay,
-      augment_images=config.data.augment, bfloat16=config.model.dtype == "bfloat16")
+  return torch_reference.CleadStep(
+      _torch_model(config, device), epsilon=config.attack.epsilon,
+      step_size=config.attack.step_size, steps=config.attack.steps, lam=config.loss.lam,
+      clean_weight=config.loss.clean_weight, temperature=config.loss.temperature,
+      learning_rate=config.train.learning_rate, momentum=config.train.momentum,
+      weight_decay=config.train.weight_decay, augment_images=config.data.augment,
+      bfloat16=config.model.dtype == "bfloat16", compiled=compiled,
+      compile_backend=compile_backend)
+
+
+TORCH_REFERENCES = {"torch": False, "torch_compile": True}  # name -> under torch.compile
+
+
+def torch_train_step(config, runs, warmup=1, device="cpu", reference="torch"):
+  """The PyTorch reference C-LEAD step for the same config, same batch size; `reference`
+  'torch' (eager, channels_last, cuDNN benchmark) or 'torch_compile'."""
+  step = torch_clead_step(config, device, compiled=TORCH_REFERENCES[reference])
   images, labels = _torch_batch(config.train.batch_size, config.seed, device)
 
   def run():
     step(images, labels)
     _torch_sync(device)
 
-  seconds, times = measure.median_seconds(run, runs, warmup)
+  seconds, times = measure.median_seconds(run, runs, max(warmup, 1 if step.model is not
+                                                             step.module else warmup))
   return Timing(config.train.batch_size, seconds, times)
 
 
@@ -205,3 +216,99 @@ def torch_pgd(config, steps, step_divisor, batch_size, runs, warmup=1, device="c
 
   seconds, times = measure.median_seconds(run, runs, warmup)
   return Timing(batch_size, seconds, times)
+
+
+# --- AutoAttack against the reference --------------------------------------------------------------
+
+def autoattack_compare(config, num_examples, batch_size, *, epsilon, reference=True,
+                       torch_device="cpu"):
+  """AutoAttack (standard) on `num_examples` random CIFAR-shaped images for one random-weight
+  model, ours (the evaluation's Runner, stage by stage on the points still robust) and, with
+  `reference`, the reference (pyautoattack) on the same weights and points. The labels are the
+  model's own predictions (every point starts correct); a small epsilon leaves part of the
+  points to the later stages. Returns per-stage accuracies and times of both."""
+  from clead_jax import export  # pylint: disable=g-import-not-at-top
+  from clead_jax.evaluation import autoattack_runner  # pylint: disable=g-import-not-at-top
+  dataset = fake_cifar(num_examples, config.seed)
+  model = train_state.build(config, dataset)
+  state = jax.device_get(train_state.create_train_state(model.network, model.tx,
+                                                        dataset.image_shape, config.seed))
+  network = models.in_float32(model.network)
+  apply_fn = lambda v, x: network.apply(v, x, train=False)
+  variables = state.variables
+  images = dataset.test_images
+  labels = np.asarray(jnp.argmax(jax.jit(apply_fn)(variables, input_pipeline.to_float(images))[0],
+                                 -1)).astype(np.int32)
+  runner = autoattack_runner.Runner(apply_fn, parallel.make_mesh(), config.attack.norm,
+                                    batch_size, config.seed)
+  start = time.perf_counter()
+  ours = runner.run(variables, images, labels, epsilon)
+  result = {"num_examples": num_examples, "epsilon": epsilon, "labels": "the model's own "
+            "predictions (random weights, random images: synthetic)",
+            "ours": {"time_s": time.perf_counter() - start,
+                     "robust_accuracy": float(ours.robust_after[-1].mean()),
+                     "stages": {name: {"accuracy_after": float(flags.mean()), "time_s": t}
+                                for name, flags, t in zip(ours.stage_names, ours.robust_after,
+                                                          ours.stage_times_s)}}}
+  if reference:
+    from clead_jax import crosscheck  # pylint: disable=g-import-not-at-top
+    arch = export.architecture(config.model, dataset.image_shape, dataset.num_classes)
+    module = export.torch_module(arch, dataset.mean, dataset.std,
+                                 export.to_torch(config.model, variables)[0])
+    times = {}
+    robust, after, seconds = crosscheck.reference_autoattack(
+        module, input_pipeline.to_float(images), labels, epsilon=epsilon,
+        norm=config.attack.norm, batch_size=batch_size, device=torch_device, stage_times=times)
+    result["reference"] = {"time_s": seconds, "robust_accuracy": float(robust.mean()),
+                           "stages": {crosscheck.STAGES[name]: {"accuracy_after": after[name],
+                                                                "time_s": times.get(name)}
+                                      for name in after}}
+    result["ratio"] = seconds / result["ours"]["time_s"]
+  return result
+
+
+def write_synthetic_cifar10(data_dir, num_train=50000, num_test=10000, seed=0):
+  """A TFDS `cifar10` of random images and labels (SYNTHETIC: for timing the real loop on a
+  machine without the dataset) in data_dir/cifar10; the same features and splits as TFDS's."""
+  from clead_jax import input_pipeline as pipeline  # pylint: disable=g-import-not-at-top
+  tfds = pipeline.import_tfds()
+  from tensorflow_datasets.image_classification import cifar  # pylint: disable=g-import-not-at-top
+
+  class SyntheticCifar10(cifar.Cifar10, skip_registration=True):
+    name = "cifar10"
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples("train", num_train),
+              "test": self._generate_examples("test", num_test)}
+
+    def _generate_examples(self, split, count):  # pylint: disable=arguments-differ
+      rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+      for index in range(count):
+        yield index, {"id": f"{split}_{index:05d}",
+                      "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                      "label": int(rng.integers(0, 10))}
+
+  builder = SyntheticCifar10(data_dir=data_dir)
+  if not builder.is_prepared():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return builder.data_dir
+
+
+def loop_rate(workdir):
+  """The training loop's images/s: the median of metrics.jsonl's per-log rates after the first
+  log interval (which holds the compile and the input pipeline's start)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import statistics  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f if line.strip()]
+  rates = [line["images_per_s"] for line in lines if "images_per_s" in line][1:]
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  return {"loop_images_per_s": statistics.median(rates) if rates else None,
+          "log_intervals": len(rates), "model": config["model"]["name"],
+          "batch": config["train"]["batch_size"], "dtype": config["model"]["dtype"],
+          "data": f"{config['data']['name']} from {config['data']['data_dir']} (SYNTHETIC images "
+                  "when written by bench synthetic_cifar10)"}
+

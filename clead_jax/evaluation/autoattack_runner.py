@@ -45,6 +45,7 @@ class Result:
   clean: np.ndarray  # (n,) bool: classified correctly
   robust_after: np.ndarray  # (num_stages, n) bool: still robust after each stage
   time_s: float
+  stage_times_s: list = None  # seconds of each stage in this process (None: resumed mid-way)
 
 
 @dataclasses.dataclass
@@ -204,8 +205,10 @@ class Runner:
         self._write(state_path, identity, state)
       last_save = time.time()
 
+    stage_times, resumed = [], state.stage > 0 or state.run > 0
     try:
       while state.stage < len(stage_list):
+        stage_start = time.time()
         stage = stage_list[state.stage]
         fn = functools.partial(self._stage_fn(state.stage, num_classes), variables)
         bar = tqdm(total=stage.num_runs, initial=state.run, desc=f"{self.name}/{stage.name}",
@@ -232,6 +235,7 @@ class Runner:
           bar.update(1)
           bar.set_postfix(robust=f"{int(state.robust.sum())}/{n}")
         bar.close()
+        stage_times.append(time.time() - stage_start)
         state.robust_after.append(state.robust.copy())
         state.stage, state.run = state.stage + 1, 0
         save()  # at every stage boundary
@@ -244,7 +248,7 @@ class Runner:
       raise
     return Result(self.name, [s.name for s in stage_list], [s.black_box for s in stage_list],
                   state.clean, np.stack(state.robust_after),
-                  already + time.time() - start_time)
+                  already + time.time() - start_time, None if resumed else stage_times)
 
 
 def discard_state(state_path):
