@@ -39,19 +39,24 @@ def _has_config_flag(argv):
   return any(a == "--config" or a.startswith("--config=") for a in argv)
 
 
-def _unknown_field_message(argv, missing):
-  """The override that names an unknown part, with the nearest real fields."""
+def _unknown_field_message(argv, missing=None):
+  """The first override that names a field the config lacks, with the nearest real fields. The
+  config is walked part by part (absl's own message nests escaped reprs)."""
   from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
   from clead_jax import default_config  # pylint: disable=g-import-not-at-top
   base = default_config.get_base_config()
   for override in _config_overrides(argv):
     field = override.removeprefix("config.")
-    if missing in field.split("."):
-      near = config_tools.nearest_fields(field, base)
-      hint = f" (did you mean {', '.join('config.' + n for n in near)}?)" if near else ""
-      return (f"--{override}: the config has no field {missing!r}{hint}; every field and its "
-              "meaning: --help, or clead_jax/default_config.py")
-  return f"the config has no field {missing!r}; see --help or clead_jax/default_config.py"
+    node = base
+    for part in field.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        near = config_tools.nearest_fields(field, base)
+        hint = f" (did you mean {', '.join('config.' + n for n in near)}?)" if near else ""
+        return (f"--{override}: the config has no field {part!r}{hint}; every field and its "
+                "meaning: --help, or clead_jax/default_config.py")
+      node = node[part]
+  return (f"the config has no field {missing!r}; see --help or clead_jax/default_config.py"
+          if missing else "a --config.* override names no config field; see --help")
 
 
 def parse_flags(argv):
@@ -59,7 +64,9 @@ def parse_flags(argv):
   try:
     remaining = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
-      flags.FLAGS["config"].value  # pylint: disable=pointless-statement  (loads the file now)
+      config = flags.FLAGS["config"].value
+      if config is not None:  # a file that failed to load raises at its first use: use it now
+        list(config.keys())
     return remaining
   except flags.UnrecognizedFlagError as e:
     name = getattr(e, "flagname", None) or str(e)
@@ -67,7 +74,7 @@ def parse_flags(argv):
       fail(f"--{name} overrides a config field, but no --config FILE was given; put --config "
            "first, e.g. --config configs/digits.py --" + name)
     if name.startswith("config."):
-      fail(_unknown_field_message(argv, name.split(".")[1]))
+      fail(_unknown_field_message(argv))
     fail(f"unknown flag --{name}; see --help")
   except flags.Error as e:
     text = str(e)
@@ -76,11 +83,14 @@ def parse_flags(argv):
       fail(f"{text.splitlines()[0].rstrip(':').split(': Error')[0]}: the config file failed to "
            f"load ({cause}); check the file and the argument after ':'")
     fail(f"{text.splitlines()[0]}; pass a value of the field's type (see --help)")
-  except (KeyError, AttributeError) as e:
-    match = re.search(r"'([^'\\]+)'", str(e))
-    fail(_unknown_field_message(argv, match.group(1) if match else str(e)))
+  except (KeyError, AttributeError):
+    fail(_unknown_field_message(argv))
   except OSError as e:
-    text = str(e)
+    chain, cause = [], e  # ml_collections re-raises the loading error at first access
+    while cause is not None:
+      chain.append(str(cause))
+      cause = cause.__cause__ or cause.__context__
+    text = "\n".join(chain)
     path = re.search(r"Attempted \[[^]]*\]:\s*(\S+)", text)
     what = path.group(1) if path else "the config file"
     reason = re.search(r"\[Errno \d+\] ([^:']+)", text)

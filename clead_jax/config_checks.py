@@ -70,8 +70,10 @@ def validate(config):
   _at_least(config.data.validation_size, 0, "data.validation_size")
   if config.data.train_size != -1:
     _at_least(config.data.train_size, 1, "data.train_size")
-  if config.eval.num_examples != -1:
-    _at_least(config.eval.num_examples, 1, "eval.num_examples")
+  if config.eval.num_examples != -1 and config.eval.num_examples < 1:
+    raise UserError(f"config.eval.num_examples={config.eval.num_examples} must be -1 (the whole "
+                    "test split) or a positive count of test images; set "
+                    "--config.eval.num_examples accordingly")
   if config.attack.name == "fgsm_rs" and not config.attack.random_start:
     raise UserError("config.attack.name='fgsm_rs' is FGSM from a random start, but "
                     "config.attack.random_start=False; use attack.name=fgsm for FGSM from x")

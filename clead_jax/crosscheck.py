@@ -141,7 +141,7 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   """Runs the cross-check of DIR's AutoAttack; writes crosscheck.* and returns the result."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from clead_jax import export
+  from clead_jax import torch_weights
   from clead_jax import input_pipeline
   from clead_jax import parallel
   from clead_jax import report as report_lib
@@ -171,9 +171,9 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   step = report["checkpoint"]["step"] if "checkpoint" in report else report["steps"]
   state, step, _ = workdir_lib.restore_checkpoint(workdir, config, model, parallel.make_mesh(),
                                                   str(step))
-  arch = export.architecture(config.model, dataset.image_shape, dataset.num_classes)
-  state_dict, _ = export.to_torch(config.model, jax.device_get(state.variables))
-  torch_model = export.torch_module(arch, dataset.mean, dataset.std, state_dict)
+  arch = torch_weights.architecture(config.model, dataset.image_shape, dataset.num_classes)
+  state_dict, _ = torch_weights.to_torch(config.model, jax.device_get(state.variables))
+  torch_model = torch_weights.torch_module(arch, dataset.mean, dataset.std, state_dict)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
   robust, after, seconds = reference_autoattack(
       torch_model, input_pipeline.to_float(images), labels, epsilon=report["epsilon"],

@@ -188,8 +188,11 @@ class _Saver:
     self.train_time_before = train_time_before
     self.started = time.time()
     self.last_saved = None
+    self.trained = False  # whether this process trained a step (a resumed finished run: no)
 
   def train_time(self):
+    if not self.trained:
+      return self.train_time_before
     return self.train_time_before + time.time() - self.started
 
   def save(self, state, best_metrics=None):
@@ -238,6 +241,7 @@ def train_loop(config, workdir, model, state, steps, dataset, mesh, checkpointer
     for step in range(start_step, total_steps):
       method = "standard" if step < pretrain_steps else config.method
       state, metrics = steps[method](state, next(batches))
+      saver.trained = True
       pending.append(metrics)
       done = step + 1
       stopping_now = stopping.requested_at_step(done)

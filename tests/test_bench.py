@@ -130,8 +130,8 @@ def test_train_step_command_writes_the_json(tmp_path):
 
 def _torch_reference_weights(config, variables):
   """Our ResNet-18's variables as the bench reference's state_dict (its block and head names)."""
-  from clead_jax import export  # pylint: disable=g-import-not-at-top
-  state, head = export.to_torch(config.model, variables)
+  from clead_jax import torch_weights  # pylint: disable=g-import-not-at-top
+  state, head = torch_weights.to_torch(config.model, variables)
   renamed = {}
   for key, value in state.items():
     if key.startswith("layer"):
@@ -171,3 +171,31 @@ def test_the_torch_references_compute_our_clead_loss(reference):
   nchw = lambda a: torch.as_tensor(a).permute(0, 3, 1, 2).contiguous()
   theirs = step.loss(nchw(x), nchw(x_adv), torch.as_tensor(y).long())
   np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-4)
+
+
+def test_bench_table_lists_every_kind_of_row(tmp_path):
+  """`bench table` over the compare suite's files: a step row with both PyTorch references, the
+  AutoAttack comparison, the loop's rate, and a skipped row named as such."""
+  import json  # pylint: disable=g-import-not-at-top
+  step = {"workload": "clead pgd10 resnet18 w64 b512 bfloat16", "jax_images_per_s": 300.0,
+          "torch_images_per_s": 150.0, "ratio": 2.0, "torch_compile_images_per_s": 250.0,
+          "ratio_vs_torch_compile": 1.2, "jax_compile_s": 20.0, "flops_per_image": 3.3e10,
+          "achieved_flops": 1e13, "peak_flops": 4e13}
+  autoattack = {"workload": "autoattack resnet18 n1000", "ratio": 3.0,
+                "ours": {"time_s": 10.0, "robust_accuracy": 0.25,
+                         "stages": {"apgd_ce": {"accuracy_after": 0.4, "time_s": 4.0}}},
+                "reference": {"time_s": 30.0, "robust_accuracy": 0.25, "stages": {}}}
+  loop = {"loop_images_per_s": 280.0, "model": "resnet18", "batch": 128, "dtype": "float32",
+          "data": "cifar10 (SYNTHETIC)"}
+  paths = []
+  for name, result in (("step", step), ("aa", autoattack), ("loop", loop),
+                       ("late", {"skipped": "time budget"})):
+    paths.append(str(tmp_path / f"{name}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(result, f)
+  text = cli.table(paths)
+  assert ("| clead pgd10 resnet18 w64 b512 bfloat16 | 300.00 | 150.00 | 2.00x | 250.00 | 1.20x | "
+          "20.0 | 33.00 | 25% |") in text
+  assert "ours 10.0 s (robust 0.250; apgd_ce 0.400 in 4.0 s); reference 30.0 s" in text
+  assert "the training loop at 280.0 img/s (resnet18 b128 float32" in text
+  assert "- late: skipped (time budget)" in text

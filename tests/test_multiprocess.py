@@ -26,6 +26,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # real processes
+
 STEPS = 11  # one epoch of digits at the global batch of 128
 OVERRIDES = {"train.epochs": 1, "model.width": 8, "model.projection_dim": 16, "attack.steps": 3,
              "train.checkpoint_every": 1, "train.keep_checkpoints": STEPS, "train.log_every": 5,

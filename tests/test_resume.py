@@ -16,6 +16,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # real processes
+
 TIMING_KEYS = ("train_time_s", "eval_time_s", "compile_time_s", "attack_time_s", "measured")
 
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clead_jax import export
+from clead_jax import torch_weights
 from clead_jax import models
 from tests.conftest import REPO, digits_config
 
@@ -70,9 +70,9 @@ def _torch_logits(module, x):
 def test_exported_model_computes_our_logits(name):
   config, network, image_shape = _setup(name)
   variables = _random_variables(network, image_shape)
-  state, _ = export.to_torch(config, variables)
-  arch = export.architecture(config, image_shape, 10)
-  module = export.torch_module(arch, [MEAN] * image_shape[-1], [STD] * image_shape[-1], state)
+  state, _ = torch_weights.to_torch(config, variables)
+  arch = torch_weights.architecture(config, image_shape, 10)
+  module = torch_weights.torch_module(arch, [MEAN] * image_shape[-1], [STD] * image_shape[-1], state)
   inputs = [np.random.default_rng(1).uniform(0, 1, (6,) + image_shape).astype(np.float32)]
   if name == "small_cnn":  # real digits too
     from clead_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -89,10 +89,10 @@ def test_exported_model_computes_our_logits(name):
 def test_round_trip_gives_the_same_parameters(name):
   config, network, image_shape = _setup(name)
   variables = _random_variables(network, image_shape, seed=3)
-  state, head = export.to_torch(config, variables)
+  state, head = torch_weights.to_torch(config, variables)
   abstract = jax.eval_shape(lambda: network.init(jax.random.key(0),
                                                  jnp.zeros((1,) + image_shape), train=False))
-  back = export.from_torch(config, state, abstract, head=head)
+  back = torch_weights.from_torch(config, state, abstract, head=head)
   flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v)
                        for p, v in jax.tree_util.tree_leaves_with_path(tree)}
   want, got = flat(jax.device_get(variables)), flat(back)
@@ -147,33 +147,33 @@ def test_robustbench_classes_and_ours_exchange_weights(name):
   abstract = jax.eval_shape(lambda: network.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                                  train=False))
   state = {k: v.numpy() for k, v in rb.state_dict().items()}
-  variables = export.from_torch(config, state, abstract)
+  variables = torch_weights.from_torch(config, state, abstract)
   x = np.random.default_rng(2).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
   ours = np.asarray(network.apply(variables, jnp.asarray(x), train=False)[0])
   theirs = _torch_logits(rb, x)
   assert np.max(np.abs(ours - theirs)) <= 1e-4 * max(1.0, float(np.max(np.abs(theirs))))
-  exported, _ = export.to_torch(config, variables)
+  exported, _ = torch_weights.to_torch(config, variables)
   fresh = _robustbench_model(name)
   fresh.load_state_dict({k: torch.as_tensor(v) for k, v in exported.items()}, strict=True)
-  assert export.robustbench_class(export.architecture(config, (32, 32, 3), 10),
+  assert torch_weights.robustbench_class(torch_weights.architecture(config, (32, 32, 3), 10),
                                   (32, 32, 3)).get("none") is None
 
 
 def test_a_mismatched_checkpoint_names_the_first_offending_tensor():
   config, network, image_shape = _setup("small_cnn")
   variables = _random_variables(network, image_shape)
-  state, _ = export.to_torch(config, variables)
+  state, _ = torch_weights.to_torch(config, variables)
   abstract = jax.eval_shape(lambda: network.init(jax.random.key(0),
                                                  jnp.zeros((1,) + image_shape), train=False))
   wider = dict(state, **{"conv1.weight": np.zeros((9, 1, 3, 3), np.float32)})
-  with pytest.raises(export.UserError, match=r"tensor 'conv1.weight' has shape \(9, 1, 3, 3\).*"
+  with pytest.raises(torch_weights.UserError, match=r"tensor 'conv1.weight' has shape \(9, 1, 3, 3\).*"
                                              r"needs \(8, 1, 3, 3\)"):
-    export.from_torch(config, wider, abstract)
+    torch_weights.from_torch(config, wider, abstract)
   missing = {k: v for k, v in state.items() if k != "bn2.running_var"}
-  with pytest.raises(export.UserError, match="tensor 'bn2.running_var' is missing"):
-    export.from_torch(config, missing, abstract)
+  with pytest.raises(torch_weights.UserError, match="tensor 'bn2.running_var' is missing"):
+    torch_weights.from_torch(config, missing, abstract)
   nested = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
-  assert export.unwrap_state_dict(nested).keys() == state.keys()
+  assert torch_weights.unwrap_state_dict(nested).keys() == state.keys()
 
 
 def _train_pgd_at_digits(workdir):
@@ -242,9 +242,9 @@ def test_our_autoattack_is_never_weaker_than_the_reference(adversarially_trained
   model = train_state.build(config, dataset)
   state, _, _ = workdir_lib.restore_checkpoint(workdir, config, model, parallel.make_mesh())
   variables = jax.device_get(state.variables)
-  arch = export.architecture(config.model, dataset.image_shape, dataset.num_classes)
-  module = export.torch_module(arch, dataset.mean, dataset.std,
-                               export.to_torch(config.model, variables)[0])
+  arch = torch_weights.architecture(config.model, dataset.image_shape, dataset.num_classes)
+  module = torch_weights.torch_module(arch, dataset.mean, dataset.std,
+                               torch_weights.to_torch(config.model, variables)[0])
   x = input_pipeline.to_float(dataset.test_images[:n])
   y = dataset.test_labels[:n]
   apply_fn = lambda v, xx: model.network.apply(v, xx, train=False)

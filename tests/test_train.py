@@ -73,16 +73,33 @@ def test_pretraining_then_clead_and_init_from(tmp_path, trained_digits):
   assert report["clean_accuracy"] > 0.5  # started from the trained model, not from scratch
 
 
-def test_best_checkpoint_is_the_best_evaluation_and_evaluate_can_load_it(tmp_path):
+def test_best_checkpoint_is_the_best_evaluation_and_evaluate_can_load_it(tmp_path, monkeypatch):
   """With eval_every, DIR/best_checkpoint keeps the one step whose validation PGD-20 accuracy was
-  the highest so far, and `evaluate --checkpoint=best` evaluates that step."""
+  the highest so far, chosen without evaluating any test image (every batch the evaluator sees
+  during training is a validation image), and `evaluate --checkpoint=best` evaluates that step."""
+  from clead_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
   from clead_jax.evaluation import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  seen = []
+  original = suite.Evaluator.correct
+
+  def recording(self, variables, images, labels, *args, **kwargs):
+    seen.append(np.asarray(images).copy())
+    return original(self, variables, images, labels, *args, **kwargs)
+
+  monkeypatch.setattr(suite.Evaluator, "correct", recording)
   config = digits_config(**{"method": "pgd_at", "train.epochs": 4, "train.eval_every": 1,
                             "data.validation_size": 200,
                             "model.width": 8, "attack.steps": 2, "eval.attacks": "pgd20",
                             "eval.curve_points": 0, "eval.num_examples": 60,
                             "eval.during_train_examples": 100})
   train.train_and_evaluate(config, str(tmp_path))
+  dataset = input_pipeline.load_dataset(config.data)
+  during_training = seen[:2 * 3]  # clean and PGD-20 at each of the three validation evaluations
+  for images in during_training:
+    np.testing.assert_array_equal(images, dataset.validation_images[:len(images)])
+  test = dataset.test_images[:60]
+  assert not any(len(i) == len(test) and np.array_equal(i, test) for i in during_training)
+  assert all(np.array_equal(i, test) for i in seen[2 * 3:])  # then the final report only
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   evals = {l["step"]: l["validation/pgd20_accuracy"] for l in lines
            if "validation/pgd20_accuracy" in l}

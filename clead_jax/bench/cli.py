@@ -302,15 +302,45 @@ def run_attacks(args):
 
 
 def table(paths) -> str:
-  """BENCHMARKS.md's table of the --json results in `paths` (train_step or attacks files)."""
-  lines = ["| workload | JAX img/s | PyTorch img/s | ratio | compile s | GFLOP/img | share of peak |",
-           "|---|---|---|---|---|---|---|"]
+  """BENCHMARKS.md's tables of the --json results in `paths`: train steps and attacks (ours against
+  PyTorch eager and, where measured, torch.compile), AutoAttack against the reference, and the
+  real loop's rate; failed or skipped rows are listed as such."""
+  steps = ["| workload | JAX img/s | PyTorch eager img/s | ratio | torch.compile img/s | ratio | "
+           "compile s | GFLOP/img | share of peak |", "|---|---|---|---|---|---|---|---|---|"]
+  others = []
   for path in paths:
     with open(path) as f:
       result = json.load(f)
-    for row in result["attacks"].values() if "attacks" in result else [result]:
-      lines.append(markdown_row(row))
-  return "\n".join(lines)
+    name = os.path.splitext(os.path.basename(path))[0]
+    if "skipped" in result or "failed" in result:
+      others.append(f"- {name}: {'skipped (' + result['skipped'] + ')' if 'skipped' in result else 'failed, exit ' + str(result['failed'])}")
+    elif "ours" in result:  # autoattack against the reference
+      ours, reference = result["ours"], result.get("reference")
+      stages = ", ".join(f"{stage} {v['accuracy_after']:.3f} in {v['time_s']:.1f} s"
+                         for stage, v in ours["stages"].items())
+      line = (f"- {result['workload']}: ours {ours['time_s']:.1f} s (robust "
+              f"{ours['robust_accuracy']:.3f}; {stages})")
+      if reference:
+        line += (f"; reference {reference['time_s']:.1f} s (robust "
+                 f"{reference['robust_accuracy']:.3f}); reference / ours {result['ratio']:.2f}")
+      others.append(line)
+    elif "loop_images_per_s" in result:
+      others.append(f"- {name}: the training loop at {result['loop_images_per_s']:.1f} img/s "
+                    f"({result['model']} b{result['batch']} {result['dtype']}, {result['data']})")
+    elif "synthetic_cifar10" in result:
+      continue
+    else:
+      for row in result["attacks"].values() if "attacks" in result else [result]:
+        steps.append(_step_row(row))
+  return "\n".join(steps + ([""] + others if others else []))
+
+
+def _step_row(result) -> str:
+  compiled = result.get("torch_compile_images_per_s")
+  base = markdown_row(result).rstrip("|").rstrip().split(" | ")
+  compiled_cells = (f"{compiled:.2f} | {result['ratio_vs_torch_compile']:.2f}x" if compiled
+                    else "- | -")
+  return " | ".join(base[:4] + [compiled_cells] + base[4:]) + " |"
 
 
 def main(argv=None):

@@ -227,7 +227,7 @@ def autoattack_compare(config, num_examples, batch_size, *, epsilon, reference=T
   `reference`, the reference (pyautoattack) on the same weights and points. The labels are the
   model's own predictions (every point starts correct); a small epsilon leaves part of the
   points to the later stages. Returns per-stage accuracies and times of both."""
-  from clead_jax import export  # pylint: disable=g-import-not-at-top
+  from clead_jax import torch_weights  # pylint: disable=g-import-not-at-top
   from clead_jax.evaluation import autoattack_runner  # pylint: disable=g-import-not-at-top
   dataset = fake_cifar(num_examples, config.seed)
   model = train_state.build(config, dataset)
@@ -252,9 +252,9 @@ def autoattack_compare(config, num_examples, batch_size, *, epsilon, reference=T
                                                           ours.stage_times_s)}}}
   if reference:
     from clead_jax import crosscheck  # pylint: disable=g-import-not-at-top
-    arch = export.architecture(config.model, dataset.image_shape, dataset.num_classes)
-    module = export.torch_module(arch, dataset.mean, dataset.std,
-                                 export.to_torch(config.model, variables)[0])
+    arch = torch_weights.architecture(config.model, dataset.image_shape, dataset.num_classes)
+    module = torch_weights.torch_module(arch, dataset.mean, dataset.std,
+                                 torch_weights.to_torch(config.model, variables)[0])
     times = {}
     robust, after, seconds = crosscheck.reference_autoattack(
         module, input_pipeline.to_float(images), labels, epsilon=epsilon,

@@ -208,9 +208,9 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
   'std' entries, as ours have) or none (RobustBench's models normalise inside, if at all)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
-  from clead_jax import export  # pylint: disable=g-import-not-at-top
+  from clead_jax import torch_weights  # pylint: disable=g-import-not-at-top
   from clead_jax import models  # pylint: disable=g-import-not-at-top
-  torch = export.import_torch()
+  torch = torch_weights.import_torch()
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
   if not os.path.exists(torch_path):
     raise UserError(f"--torch_checkpoint {torch_path}: no such file")
@@ -227,10 +227,10 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
                                  std or [1.0] * channels)
   abstract = jax.eval_shape(lambda: network.init(
       jax.random.key(0), jax.numpy.zeros((1,) + tuple(dataset.image_shape)), train=False))
-  state = {k: v.detach().cpu().numpy() for k, v in export.unwrap_state_dict(checkpoint).items()}
+  state = {k: v.detach().cpu().numpy() for k, v in torch_weights.unwrap_state_dict(checkpoint).items()}
   head = checkpoint.get("projection_head") if isinstance(checkpoint, dict) else None
   head = {k: np.asarray(v) for k, v in head.items()} if head else None
-  variables = export.from_torch(config.model, state, abstract, source=torch_path, head=head)
+  variables = torch_weights.from_torch(config.model, state, abstract, source=torch_path, head=head)
   mesh = parallel.make_mesh()
   variables = jax.device_put(variables, parallel.replicated(mesh))
   n = num_test_examples(num_examples if num_examples is not None else config.eval.num_examples,
