@@ -26,6 +26,18 @@ def _bn(torch_name, flax_path):
   return [(torch_name, flax_path, "bn")]
 
 
+def _preact_block(torch_block, block, params, shortcut):
+  """models.PreActBlock: BatchNorm_0, the projection Conv_0 (when there is one: it is created
+  first), the two 3x3 convolutions and BatchNorm_1."""
+  projection = "Conv_2" in params[block]
+  first = 1 if projection else 0
+  return (_bn(f"{torch_block}.bn1", (block, "BatchNorm_0"))
+          + ([(f"{torch_block}.{shortcut}", (block, "Conv_0"), "conv")] if projection else [])
+          + [(f"{torch_block}.conv1", (block, f"Conv_{first}"), "conv")]
+          + _bn(f"{torch_block}.bn2", (block, "BatchNorm_1"))
+          + [(f"{torch_block}.conv2", (block, f"Conv_{first + 1}"), "conv")])
+
+
 def _layers(model_config, params):
   """[(torch name, Flax path under the backbone, kind)] for the model, in module order. kind:
   conv (HWIO <-> OIHW), dense ((in, out) <-> (out, in)), bn (scale/bias and the statistics)."""
@@ -44,15 +56,7 @@ def _layers(model_config, params):
     for index in range(8):
       torch_block = f"layer{index // 2 + 1}.{index % 2}"
       if preact:
-        block = f"PreActBlock_{index}"
-        projection = "Conv_2" in params[block]
-        layers += _bn(f"{torch_block}.bn1", (block, "BatchNorm_0"))
-        if projection:
-          layers.append((f"{torch_block}.shortcut.0", (block, "Conv_0"), "conv"))
-        first = 1 if projection else 0
-        layers += ([(f"{torch_block}.conv1", (block, f"Conv_{first}"), "conv")]
-                   + _bn(f"{torch_block}.bn2", (block, "BatchNorm_1"))
-                   + [(f"{torch_block}.conv2", (block, f"Conv_{first + 1}"), "conv")])
+        layers += _preact_block(torch_block, f"PreActBlock_{index}", params, "shortcut.0")
       else:
         block = f"BasicBlock_{index}"
         layers += ([(f"{torch_block}.conv1", (block, "Conv_0"), "conv")]
@@ -70,15 +74,7 @@ def _layers(model_config, params):
     layers = [("conv1", ("Conv_0",), "conv")]
     for index in range(3 * blocks):
       torch_block = f"block{index // blocks + 1}.layer.{index % blocks}"
-      block = f"PreActBlock_{index}"
-      projection = "Conv_2" in params[block]
-      layers += _bn(f"{torch_block}.bn1", (block, "BatchNorm_0"))
-      if projection:
-        layers.append((f"{torch_block}.convShortcut", (block, "Conv_0"), "conv"))
-      first = 1 if projection else 0
-      layers += ([(f"{torch_block}.conv1", (block, f"Conv_{first}"), "conv")]
-                 + _bn(f"{torch_block}.bn2", (block, "BatchNorm_1"))
-                 + [(f"{torch_block}.conv2", (block, f"Conv_{first + 1}"), "conv")])
+      layers += _preact_block(torch_block, f"PreActBlock_{index}", params, "convShortcut")
     return layers + _bn("bn1", ("BatchNorm_0",)) + [("fc", ("Dense_0",), "dense")]
   raise UserError(f"config.model.name={name!r} has no PyTorch export")
 
