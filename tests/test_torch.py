@@ -121,12 +121,12 @@ def _robustbench_model(name):
     resnet = _robustbench("resnet.py")
     return resnet.PreActResNet(resnet.PreActBlock, [2, 2, 2, 2], bn_before_fc=True,
                                out_shortcut=True)
-  return _robustbench("wide_resnet.py").WideResNet(depth=10, num_classes=10, widen_factor=2)
+  return _robustbench("wide_resnet.py").WideResNet(depth=16, num_classes=10, widen_factor=4)
 
 
 RB_FIELDS = {"resnet18": {"name": "resnet18", "width": 64},
              "preact_resnet18": {"name": "preact_resnet18", "width": 64},
-             "wide_resnet": {"name": "wide_resnet", "depth": 10, "widen": 2}}
+             "wide_resnet": {"name": "wide_resnet", "depth": 16, "widen": 4}}
 
 
 @pytest.mark.parametrize("name", sorted(RB_FIELDS))
