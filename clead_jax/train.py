@@ -189,6 +189,7 @@ class _Saver:
     self.started = time.time()
     self.last_saved = None
     self.trained = False  # whether this process trained a step (a resumed finished run: no)
+    self.saved_train_time = train_time_before  # the train time the latest checkpoint holds
 
   def train_time(self):
     if not self.trained:
@@ -205,6 +206,7 @@ class _Saver:
                      "epoch": step // self.per_epoch, "batch_in_epoch": step % self.per_epoch}}
     self.checkpointer.save(step, state, meta, metrics=best_metrics,
                            best=best_metrics is not None)
+    self.saved_train_time = meta["train_time_s"]
     if best_metrics is None:
       self.last_saved = step
 
@@ -335,7 +337,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     saver = _Saver(config, checkpointer, state.params, model.steps_per_epoch,
                    (meta or {}).get("train_time_s", 0.0))
     state = train_loop(config, workdir, model, state, steps, dataset, mesh, checkpointer, saver)
-    train_time = saver.train_time()
+    # The report's train time is the one the final checkpoint holds, so that a rerun that only
+    # finishes the evaluation reports the same number.
+    train_time = saver.saved_train_time
 
   # Final evaluation: the attacks not yet in the report of this checkpoint.
   step = int(state.step)
