@@ -89,64 +89,56 @@ def fashion_mnist(variant="gpu"):
   return config
 
 
-def cifar10():
-  """C-LEAD on CIFAR-10 with ResNet-18 (configs/cifar10.py)."""
-  config = get_base_config()
+def _cifar10_pgd10(config):
+  """What the CIFAR-10 recipes share: the data (augmented, the last 1,000 training images held out
+  for validation), the L-inf 8/255 PGD-10 training attack of step 2/255 from a random start, and
+  SGD with momentum 0.9 at lr 0.1, batch 128, on a piecewise schedule."""
   config.data.name = "cifar10"
   config.data.augment = True
   config.data.validation_size = 1000  # eval_every's split: the last 1,000 training images
-  config.model.name = "resnet18"
-  config.model.width = 64
-  config.attack.epsilon = 8 / 255
-  config.attack.steps = 10
-  config.attack.step_size = 2 / 255
-  config.attack.random_start = True
-  config.train.batch_size = 128
-  config.train.epochs = 100
-  config.train.optimizer = "sgd"
-  config.train.learning_rate = 0.1
-  config.train.momentum = 0.9
-  config.train.weight_decay = 5e-4
-  config.train.schedule = "piecewise"
-  config.train.piecewise_boundaries = (0.5, 0.75)
-  config.train.log_every = 100
-  config.train.checkpoint_every = 1000
-  config.train.eval_every = 10
-  config.eval.batch_size = 500
-  return config
-
-
-def pgd_at_rice(network="preact_resnet18"):
-  """PGD-AT as in Rice, Wong & Kolter 2020 (configs/cifar10_pgd_at.py)."""
-  config = get_base_config()
-  config.method = "pgd_at"
-  config.data.name = "cifar10"
-  config.data.augment = True
-  # Rice et al. stop early on 1,000 test images; we choose on 1,000 held-out training images.
-  config.data.validation_size = 1000
-  set_network(config, network)
   config.attack.norm = "linf"
   config.attack.epsilon = 8 / 255
   config.attack.name = "pgd"
   config.attack.steps = 10
   config.attack.step_size = 2 / 255
   config.attack.random_start = True
-  config.attack.bn_mode = "batch"
   config.train.batch_size = 128
-  config.train.epochs = 200
   config.train.optimizer = "sgd"
   config.train.learning_rate = 0.1
   config.train.momentum = 0.9
-  config.train.nesterov = False
-  config.train.weight_decay = 5e-4
   config.train.schedule = "piecewise"
-  config.train.warmup_epochs = 0
-  config.train.piecewise_boundaries = (100 / 200, 150 / 200)
   config.train.log_every = 100
   config.train.checkpoint_every = 1000
+  config.eval.batch_size = 500
+  return config
+
+
+def cifar10():
+  """C-LEAD on CIFAR-10 with ResNet-18 (configs/cifar10.py)."""
+  config = _cifar10_pgd10(get_base_config())
+  config.model.name = "resnet18"
+  config.model.width = 64
+  config.train.epochs = 100
+  config.train.weight_decay = 5e-4
+  config.train.piecewise_boundaries = (0.5, 0.75)
+  config.train.eval_every = 10
+  return config
+
+
+def pgd_at_rice(network="preact_resnet18"):
+  """PGD-AT as in Rice, Wong & Kolter 2020 (configs/cifar10_pgd_at.py)."""
+  # Rice et al. stop early on 1,000 test images; we choose on 1,000 held-out training images.
+  config = _cifar10_pgd10(get_base_config())
+  config.method = "pgd_at"
+  set_network(config, network)
+  config.attack.bn_mode = "batch"
+  config.train.epochs = 200
+  config.train.nesterov = False
+  config.train.weight_decay = 5e-4
+  config.train.warmup_epochs = 0
+  config.train.piecewise_boundaries = (100 / 200, 150 / 200)
   config.train.eval_every = 1
   config.eval.during_train_examples = 1000
-  config.eval.batch_size = 500
   return config
 
 
@@ -157,28 +149,14 @@ def trades_zhang(arg="wrn34"):
   """TRADES as in Zhang et al. 2019 (configs/cifar10_trades.py); arg is NETWORK[,EPOCHS]."""
   network, _, epochs = arg.partition(",")
   epochs = int(epochs) if epochs else 76
-  config = get_base_config()
+  config = _cifar10_pgd10(get_base_config())  # the best checkpoint: on held-out training images
   config.method = "trades"
-  config.data.name = "cifar10"
-  config.data.augment = True
-  config.data.validation_size = 1000  # the best checkpoint is chosen on held-out training images
   set_network(config, network)
-  config.attack.norm = "linf"
-  config.attack.epsilon = 8 / 255
-  config.attack.name = "pgd"
-  config.attack.steps = 10
-  config.attack.step_size = 2 / 255
-  config.attack.random_start = True
   config.attack.bn_mode = "running"
   config.loss.trades_beta = 6.0
-  config.train.batch_size = 128
   config.train.epochs = epochs
-  config.train.optimizer = "sgd"
-  config.train.learning_rate = 0.1
-  config.train.momentum = 0.9
   config.train.nesterov = False
   config.train.weight_decay = 2e-4 if network == "wrn34" else 5e-4
-  config.train.schedule = "piecewise"
   config.train.warmup_epochs = 0
   # Epoch e (1-based) >= 75 trains at 0.01: the boundary is after e - 1 epochs.
   config.train.piecewise_boundaries = tuple((e - 1) / epochs for e in TRADES_DECAY_EPOCHS
@@ -187,5 +165,4 @@ def trades_zhang(arg="wrn34"):
   config.train.checkpoint_every = 1000
   config.train.eval_every = 1
   config.eval.during_train_examples = 1000
-  config.eval.batch_size = 500
   return config
