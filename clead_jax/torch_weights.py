@@ -280,11 +280,11 @@ def export_state(config, variables, step, dataset, out_path):
   state, head = to_torch(config.model, variables)
   checkpoint = {
       "format": FORMAT,
-      "state_dict": {k: torch.as_tensor(v) for k, v in state.items()},
+      "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
       "architecture": arch,
       "robustbench": robustbench_class(arch, dataset.image_shape),
       "mean": [float(m) for m in dataset.mean], "std": [float(s) for s in dataset.std],
-      "projection_head": {k: torch.as_tensor(v) for k, v in head.items()},
+      "projection_head": {k: torch.from_numpy(np.array(v)) for k, v in head.items()},
       "clead_jax": {"config": config.to_dict(), "step": int(step), "dataset": dataset.name},
   }
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -294,3 +294,38 @@ def export_state(config, variables, step, dataset, out_path):
   from clead_jax import torch_models  # pylint: disable=g-import-not-at-top
   shutil.copyfile(torch_models.__file__, os.path.splitext(out_path)[0] + ".py")
   return checkpoint
+
+
+def load_export(out_path):
+  """The exported classifier as a user loads it: FILE.pt with the module of FILE.py beside it
+  (not clead_jax's own torch_models), normalisation inside, eval mode."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  torch = import_torch()
+  checkpoint = torch.load(out_path, weights_only=False)
+  spec = importlib.util.spec_from_file_location("exported_torch_models",
+                                                os.path.splitext(out_path)[0] + ".py")
+  exported = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exported)
+  backbone = exported.build(checkpoint["architecture"])
+  backbone.load_state_dict(checkpoint["state_dict"], strict=True)
+  return exported.Normalized(backbone, checkpoint["mean"], checkpoint["std"]).eval()
+
+
+def compare_export(out_path, network, variables, images, batch_size=250):
+  """Runs the exported file (load_export) and our network, in eval mode, on `images` (NHWC,
+  float in [0, 1]). Returns {"examples", "same_predictions", "max_abs_diff", "logit_scale"}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  torch = import_torch()
+  module = load_export(out_path)
+  ours_fn = jax.jit(lambda v, x: network.apply(v, x, train=False)[0])
+  same, max_diff, scale = 0, 0.0, 0.0
+  for start in range(0, len(images), batch_size):
+    x = np.asarray(images[start:start + batch_size], np.float32)
+    ours = np.asarray(ours_fn(variables, x))
+    with torch.no_grad():
+      theirs = module(torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    same += int(np.sum(ours.argmax(-1) == theirs.argmax(-1)))
+    max_diff = max(max_diff, float(np.max(np.abs(ours - theirs))))
+    scale = max(scale, float(np.max(np.abs(ours))))
+  return {"examples": len(images), "same_predictions": same, "max_abs_diff": max_diff,
+          "logit_scale": scale}
