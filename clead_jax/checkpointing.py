@@ -100,6 +100,7 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None, best=False):
     manager = self._best_manager() if best else self.manager
+    self.wait()  # the save in flight first: its failure names its own step, not this one
     try:
       manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
@@ -136,28 +137,31 @@ class Checkpointer:
     """The newest checkpoint that can be read, moving unreadable ones aside; (None, None) if
     none. When every checkpoint was unreadable, says so: the run starts from step 0."""
     set_aside = []
-    for step in reversed(self.all_steps()):
+    steps = self.all_steps()
+    for index in reversed(range(len(steps))):
+      step, earlier = steps[index], index > 0
       try:
         meta = self.read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
-        set_aside.append(self._set_aside(step, e))
+        set_aside.append(self._set_aside(step, e, earlier))
         continue
       check_same_model(meta, abstract_state, self.directory, step, config_dict)
       try:
         return self.restore(abstract_state, step)
       except Exception as e:  # pylint: disable=broad-except
-        set_aside.append(self._set_aside(step, e))
+        set_aside.append(self._set_aside(step, e, earlier))
     if set_aside and jax.process_index() == 0:
       print(f"warning: no checkpoint in {self.directory} could be read (moved aside: "
             f"{', '.join(set_aside)}); training starts again from step 0", flush=True)
     return None, None
 
-  def _set_aside(self, step, error):
+  def _set_aside(self, step, error, earlier=True):
     """Moves an unreadable checkpoint to checkpoints/corrupt-<step>-<time>; deletes nothing."""
     source = os.path.join(self.directory, str(step))
     target = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
     message = (f"checkpoint {source} cannot be read ({type(error).__name__}: "
-               f"{_first_line(error)}); moved to {target}, falling back to the previous one")
+               f"{_first_line(error)}); moved to {target}, "
+               + ("falling back to the previous one" if earlier else "no earlier checkpoint"))
     if jax.process_index() == 0:
       print(f"warning: {message}", flush=True)
       os.replace(source, target)

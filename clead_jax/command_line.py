@@ -11,10 +11,12 @@ knows its directory; `--verbosity=0` (or higher) sends it to the terminal as wel
 """
 
 import contextlib
+import errno
 import logging as python_logging
 import os
 import re
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -125,8 +127,11 @@ class _DirectoryLog(python_logging.Handler):
     self.path = os.path.join(directory, LOG_FILE)
     self.waiting = []
     self.file = None
+    self.closed = False
 
   def emit(self, record):
+    if self.closed:
+      return
     try:
       if self.file is None:
         if not os.path.isdir(os.path.dirname(self.path) or "."):
@@ -138,22 +143,53 @@ class _DirectoryLog(python_logging.Handler):
         self.waiting = []
       self.file.write(self.format(record) + "\n")
       self.file.flush()
-    except OSError:
-      pass  # the command reports an unwritable directory itself
+    except (OSError, ValueError):
+      pass  # an unwritable directory the command reports itself; a file closed at exit
+
+  def write_text(self, text):
+    """Raw text, as it came (a library's traceback)."""
+    record = python_logging.LogRecord("stderr", python_logging.WARNING, "", 0, text.rstrip("\n"),
+                                      None, None)
+    if text.strip():
+      self.emit(record)
 
   def close(self):
     if self.file is not None:
       self.file.close()
+      self.file = None
+    self.closed = True  # library threads still logging at exit write nowhere
     super().close()
+
+
+class _MainThreadStderr:
+  """stderr for the main thread; what library threads write there (tensorstore's tracebacks of a
+  failed background write, printed bypassing logging) goes to DIR/clead_jax.log instead."""
+
+  def __init__(self, stream, log):
+    self._stream, self._log = stream, log
+
+  def write(self, text):
+    if threading.current_thread() is threading.main_thread():
+      return self._stream.write(text)
+    self._log.write_text(text)
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
 
 
 def log_to(directory):
   """absl/Python logging of this process to DIR/clead_jax.log."""
   handler = _DirectoryLog(directory)
   handler.setFormatter(python_logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-  python_logging.getLogger().addHandler(handler)
+  root = python_logging.getLogger()
+  root.addHandler(handler)
   if not flags.FLAGS["verbosity"].present:
-    python_logging.getLogger().setLevel(python_logging.WARNING)
+    root.setLevel(python_logging.WARNING)
+    # absl's handler writes WARNING and above to stderr while it has no log file of its own:
+    # Orbax's tracebacks of a failed background save, for one. They go to DIR/clead_jax.log only.
+    root.removeHandler(logging.get_absl_handler())
+    sys.stderr = _MainThreadStderr(sys.stderr, handler)
 
 
 @contextlib.contextmanager
@@ -166,6 +202,12 @@ def user_errors_as_one_line():
     fail(e)
   except stopping.Stopped as stopped:
     stopping.report_and_exit(stopped)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    fail(f"writing {e.filename or 'a file'} failed ({e.strerror}); free disk space or choose "
+         "another --workdir, then rerun the same command: it resumes from the last checkpoint "
+         "and keeps the report entries written so far")
 
 
 def run(main, define_flags, usage=None):

@@ -159,6 +159,38 @@ def test_corrupt_latest_checkpoint_falls_back_and_deletes_nothing(tmp_path, cach
   assert _report_without_timings(workdir) == _report_without_timings(uninterrupted)
 
 
+def test_every_checkpoint_corrupt_warns_once_each_and_starts_from_step_0(tmp_path, cache_dir,
+                                                                         uninterrupted):
+  """Every checkpoint unreadable: one warning per checkpoint (each moved aside, none deleted), one
+  line saying training starts again from step 0, no library tail, and the run it then does gives
+  the uninterrupted report."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "all_corrupt"
+  shutil.copytree(uninterrupted, workdir)
+  steps = _checkpoint_steps(workdir)
+  assert len(steps) >= 2
+  for step in steps:
+    for root, _, files in os.walk(workdir / "checkpoints" / str(step) / "state"):
+      for name in files:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  result = _run(workdir, cache_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  for index, step in enumerate(steps):
+    said = [l for l in output.splitlines()
+            if f"checkpoint {workdir}/checkpoints/{step} cannot be read" in l]
+    assert len(said) == 1, said  # once, not twice
+    assert said[0].endswith("falling back to the previous one" if index else
+                            "no earlier checkpoint"), said[0]
+  restart = [l for l in output.splitlines() if "training starts again from step 0" in l]
+  assert len(restart) == 1 and restart[0].startswith("warning: no checkpoint in"), output[-3000:]
+  assert "pybind" not in output and "Traceback" not in output and "resuming from" not in output
+  kept = os.listdir(workdir / "checkpoints")
+  assert all(any(d.startswith(f"corrupt-{step}-") for d in kept) for step in steps), kept
+  assert _report_without_timings(workdir) == _report_without_timings(uninterrupted)
+
+
 def _assert_one_line_error(result, *fragments):
   assert result.returncode not in (0, None), result.stdout[-2000:]
   last = result.stderr.strip().splitlines()[-1]
