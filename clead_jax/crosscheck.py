@@ -119,20 +119,40 @@ def compare(ours_clean, ours_stages, reference_clean, reference_robust, referenc
           "warnings": warnings}
 
 
+def add_times(result, ours_times, reference_times, reference_total):
+  """Seconds per stage and in all, ours (the report's attack_time_s: ours ran on all of the
+  report's points, with compilation) and the reference's (on the cross-checked points)."""
+  for name, values in result["stages"].items():
+    reference_name = next((r for r, o in STAGES.items() if o == name), name)
+    values["ours_time_s"] = ours_times.get(f"autoattack/{name}")
+    values["reference_time_s"] = reference_times.get(reference_name)
+  result["time_s"] = {"ours": ours_times.get("autoattack"), "reference": reference_total}
+  return result
+
+
+def _cell(value, form):
+  return "—" if value is None else format(value, form)
+
+
 def to_markdown(result):
+  times = result.get("time_s", {})
   lines = [f"# AutoAttack cross-check: ours against the reference (pyautoattack)", "",
            f"{result['num_examples']} test points, the report's checkpoint (step "
-           f"{result['step']}), {result['norm']} epsilon = {result['epsilon']:g}.", "",
-           "| | ours | reference |", "|---|---|---|",
+           f"{result['step']}), {result['norm']} epsilon = {result['epsilon']:g}. Times: ours "
+           f"from the report (its {result.get('report_examples', result['num_examples'])} points, "
+           "compilation included), the reference's on these points, on this machine.", "",
+           "| | ours | reference | ours (s) | reference (s) |", "|---|---|---|---|---|",
            f"| clean | {result['clean_accuracy']['ours']:.4f} | "
-           f"{result['clean_accuracy']['reference']:.4f} |"]
+           f"{result['clean_accuracy']['reference']:.4f} | | |"]
   for name, values in result["stages"].items():
-    reference = values["reference"]
-    lines.append(f"| after {name} | {values['ours']:.4f} | "
-                 f"{'—' if reference is None else f'{reference:.4f}'} |")
+    lines.append(f"| after {name} | {values['ours']:.4f} | {_cell(values['reference'], '.4f')} | "
+                 f"{_cell(values.get('ours_time_s'), '.1f')} | "
+                 f"{_cell(values.get('reference_time_s'), '.1f')} |")
+  lines.append(f"| AutoAttack (robust) | {result['robust_accuracy']['ours']:.4f} | "
+               f"{result['robust_accuracy']['reference']:.4f} | "
+               f"{_cell(times.get('ours'), '.1f')} | {_cell(times.get('reference'), '.1f')} |")
   lines += ["", f"Broken only by ours: {result['broken_only_by_ours'] or 'none'}.",
-            f"Broken only by the reference: {result['broken_only_by_reference'] or 'none'}.",
-            "", f"Reference time {result['reference_time_s']:.1f} s."]
+            f"Broken only by the reference: {result['broken_only_by_reference'] or 'none'}."]
   lines += [f"\n**Warning:** {w}" for w in result["warnings"]]
   return "\n".join(lines) + "\n"
 
@@ -175,9 +195,10 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   state_dict, _ = torch_weights.to_torch(config.model, jax.device_get(state.variables))
   torch_model = torch_weights.torch_module(arch, dataset.mean, dataset.std, state_dict)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
+  reference_times = {}
   robust, after, seconds = reference_autoattack(
       torch_model, input_pipeline.to_float(images), labels, epsilon=report["epsilon"],
-      norm=report["norm"], batch_size=batch_size)
+      norm=report["norm"], batch_size=batch_size, stage_times=reference_times)
   import torch  # pylint: disable=g-import-not-at-top
   with torch.no_grad():
     x = torch.as_tensor(np.asarray(input_pipeline.to_float(images), np.float32)).permute(0, 3, 1, 2)
@@ -185,9 +206,11 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   ours_stages = {k.split("/", 1)[1]: v[:n] for k, v in stored.items()
                  if k.startswith("autoattack/")}
   result = compare(stored["clean"][:n], ours_stages, reference_clean, robust, after)
+  add_times(result, report.get("attack_time_s", {}), reference_times, seconds)
   result.update(step=int(step), epsilon=report["epsilon"], norm=report["norm"],
-                reference_time_s=seconds, reference="pyautoattack, version standard, seed 0, "
-                f"batch size {batch_size}")
+                report_examples=len(stored["clean"]),
+                reference="pyautoattack, version standard, seed 0, "
+                f"batch size {batch_size}, {torch.get_num_threads()} PyTorch threads")
   if jax.process_index() == 0:
     from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
     config_tools.atomic_write(os.path.join(workdir, "crosscheck.json"),

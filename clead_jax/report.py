@@ -118,14 +118,18 @@ class Report:
     self.flags["clean"] = np.asarray(correct, bool)
     self.data["clean_accuracy"] = float(np.mean(correct))
 
-  def add_attack(self, name, robust, time_s, stages=None, transfer=None):
+  def add_attack(self, name, robust, time_s, stages=None, transfer=None, stage_times_s=None):
     """`robust`: (n,) correct clean and after the attack; `stages`: {key: (n,) flags} of its
-    stages (AutoAttack); `transfer`: what the black-box transfer came from (not in the worst
-    case)."""
+    stages (AutoAttack), with `stage_times_s` {key: seconds} where each stage ran in this
+    process; `transfer`: what the black-box transfer came from (not in the worst case)."""
     for key, flags in {name: robust, **(stages or {})}.items():
       self.flags[key] = np.asarray(flags, bool)
       self.data["robust_accuracy"][key] = float(np.mean(flags))
-    self.data["attack_time_s"][name] = float(time_s)
+    times = self.data["attack_time_s"]
+    for key in [k for k in times if k.startswith(name + "/")]:
+      del times[key]  # an earlier run's stage times of this attack
+    times[name] = float(time_s)
+    times.update({key: float(t) for key, t in (stage_times_s or {}).items()})
     self.data["measured"][name] = {"at": _now(), "command": command_line()}
     if transfer is not None:
       self.data["transfer_attacks"][name] = transfer

@@ -187,7 +187,10 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
       autoattack_results.append(result)
       report.add_attack(name, result.robust_after[-1], time.time() - attack_start,
                         stages={f"{name}/{stage}": flags
-                                for stage, flags in zip(result.stage_names, result.robust_after)})
+                                for stage, flags in zip(result.stage_names, result.robust_after)},
+                        stage_times_s=None if result.stage_times_s is None else {
+                            f"{name}/{stage}": t
+                            for stage, t in zip(result.stage_names, result.stage_times_s)})
     elif name in TRANSFER_ATTACKS:
       if surrogate is None:
         raise UserError(f"{name} needs a surrogate: set --config.eval.surrogate to the workdir of "
