@@ -55,12 +55,14 @@ class _StageLog(logging.Handler):
 
 
 def reference_autoattack(torch_model, images, labels, *, epsilon, norm, version="standard",
-                         attacks=None, batch_size=250, seed=0, device="cpu", stage_times=None):
+                         attacks=None, batch_size=250, seed=0, device="cpu", stage_times=None,
+                         apgd_restarts=None):
   """(robust per example, {stage: accuracy after it}, seconds) of the reference AutoAttack;
   `stage_times`, a dict, receives each stage's seconds.
 
   images: NHWC in [0, 1] (numpy); the model takes NCHW. attacks: the reference's names, with
-  version 'custom' (e.g. ['apgd-ce'] or ['square'] alone)."""
+  version 'custom' (e.g. ['apgd-ce'] or ['square'] alone). apgd_restarts: APGD-CE's restarts
+  (the reference's 'custom' version keeps its constructor's 5; 'standard' sets 1)."""
   try:
     from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
@@ -79,6 +81,8 @@ def reference_autoattack(torch_model, images, labels, *, epsilon, norm, version=
   try:
     attack = AutoAttack(torch_model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=float(epsilon),
                         version=version, attacks=attacks, seed=seed, device=device)
+    if apgd_restarts is not None:
+      attack.apgd.n_restarts = apgd_restarts
     with torch.no_grad():
       clean = torch_model(x).argmax(1) == y
     _, y_adv = attack.run_standard_evaluation(x, y, batch_size=batch_size)
