@@ -187,6 +187,49 @@ def test_a_non_finite_loss_before_the_first_checkpoint_says_so(tmp_path, cache):
   assert "None" not in lines[0] and "Traceback" not in result.stderr
 
 
+# PyTorch made unimportable in a real process, as on a machine without the [torch] extra.
+_WITHOUT_TORCH = "import sys, runpy; sys.modules['torch'] = None; sys.argv[0] = '{0}'; " \
+                 "runpy.run_module('{0}', run_name='__main__')"
+
+
+@pytest.mark.parametrize("module,args,line", [
+    ("clead_jax.bench", ["train_step", "--model", "small_cnn", "--compare", "torch"],
+     "error: --compare torch needs PyTorch, an optional extra: pip install -e '.[torch]'"),
+    ("clead_jax.export", ["--workdir", "WORKDIR", "--out", "OUT.pt"],
+     "error: PyTorch is not installed; pip install -e '.[torch]'"),
+], ids=["bench", "export"])
+def test_commands_needing_pytorch_say_so_in_one_line(finished, tmp_path, module, args, line):
+  args = [a.replace("WORKDIR", finished).replace("OUT", str(tmp_path / "model")) for a in args]
+  before = _digest(finished)
+  result = _run([sys.executable, "-c", _WITHOUT_TORCH.format(module), *args])
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), (
+      result.stderr[-3000:])
+  assert _digest(finished) == before and not os.listdir(tmp_path)
+
+
+def test_main_help_lists_every_config_field_and_every_registered_name():
+  from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
+  from clead_jax import default_config  # pylint: disable=g-import-not-at-top
+  from clead_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from clead_jax import methods  # pylint: disable=g-import-not-at-top
+  from clead_jax import models  # pylint: disable=g-import-not-at-top
+  from clead_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
+  result = _run([sys.executable, "-m", "clead_jax.main", "--help"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = result.stdout
+  fields = config_tools.flatten(default_config.get_base_config().to_dict())
+  missing = [f for f, v in fields.items() if f"  {f} = {v!r}" not in text]
+  assert not missing, missing
+  # The meaning of a field, from the comment beside it in default_config.py.
+  assert "attack.norm = 'linf'  # linf or l2" in text
+  flat = " ".join(text.split())
+  for title, names in (("methods", methods.METHODS), ("datasets", input_pipeline.DATASETS),
+                       ("models", models.MODELS), ("attacks", suite.ATTACK_NAMES)):
+    listed = flat.split(f"{title} (", 1)[1].split(": ", 1)[1]
+    assert all(name in listed for name in names), (title, listed[:300])
+
+
 def test_bench_errors_are_one_line():
   result = _run([sys.executable, "-m", "clead_jax.bench", "train_step", "--model", "nonsense"])
   lines = result.stderr.strip().splitlines()
@@ -252,20 +295,24 @@ def _wait_for(predicate, process, timeout=300):
     time.sleep(0.05)
 
 
-def test_sigint_during_the_first_compile_is_one_line_and_exit_130(tmp_path):
-  """Ctrl-C while XLA compiles the first step: deferred to the end of the compile, then one line
-  and exit 130 (nothing had run); no checkpoint, no traceback, no crash. Three times in a row."""
+@pytest.mark.parametrize("signum,code,times", [(signal.SIGINT, 130, 3), (signal.SIGTERM, 143, 2)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_first_compile_is_one_line_and_exit_128_plus_it(tmp_path, signum,
+                                                                            code, times):
+  """Ctrl-C or SIGTERM while XLA compiles the first step: deferred to the end of the compile, then
+  one line and exit 130 or 143 (nothing had run); no checkpoint, no traceback, no crash."""
   workdir = tmp_path / "run"
-  for _ in range(3):
+  name = signal.Signals(signum).name
+  for _ in range(times):
     process = _start(_main(workdir, ALL_ATTACKS))  # no compilation cache: a cold compile
     _wait_for(lambda: (workdir / "config.json").exists(), process)  # compilation starts now
     time.sleep(3.0)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
     lines = _messages(stderr)
-    assert process.returncode == 130, stderr[-3000:]
+    assert process.returncode == code, stderr[-3000:]
     assert lines == [lines[-1]] and lines[-1].startswith(
-        "clead_jax: stopped by SIGINT; before the first training step"), stderr[-3000:]
+        f"clead_jax: stopped by {name}; before the first training step"), stderr[-3000:]
     assert not (workdir / "checkpoints").exists() or not any(
         d.isdigit() for d in os.listdir(workdir / "checkpoints"))
 

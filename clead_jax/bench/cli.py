@@ -403,7 +403,7 @@ def run():
     if e.name != "torch":
       raise
     command_line.fail("--compare torch needs PyTorch, an optional extra: pip install -e '.[torch]' "
-                      "(on a CPU-only machine: pip install torch==2.13.0)")
+                      "(or pip install torch) and run again")
   except (UserError, ValueError, OSError) as e:
     command_line.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
