@@ -342,6 +342,33 @@ def test_sigterm_during_the_final_evaluation_keeps_training_and_resumes(tmp_path
   assert "resuming from step" in result.stdout
 
 
+def test_sigterm_during_a_study_keeps_the_finished_runs_and_resumes(tmp_path, cache):
+  """SIGTERM while a study trains its second run: one line, exit 0, the first run's files
+  byte-identical and in the summary; the same command skips it and finishes the study."""
+  workdir = tmp_path / "study"
+  argv = [sys.executable, "-m", "clead_jax.study", "--config", "configs/digits.py",
+          "--methods", "pgd_at", "--seeds", "2", "--workdir", str(workdir),
+          *[a for a in TINY if not a.startswith("--config.method")],
+          "--config.eval.attacks=fgsm", f"--config.compilation_cache_dir={cache}"]
+  first = workdir / "pgd_at" / "seed0"
+  second = workdir / "pgd_at" / "seed1"
+  process = _start(argv)
+  _wait_for(lambda: (second / "checkpoints").is_dir(), process)  # the second run is training
+  kept = _digest(first)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  lines = [l for l in _messages(stderr) if "clead_jax: stopped" in l]
+  assert len(lines) == 1 and "study run [2/2] pgd_at seed 1" in lines[0], stderr[-3000:]
+  assert "run the same study command to resume" in lines[0]
+  assert _digest(first) == kept and (workdir / "study.md").exists()
+  result = _run(argv)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "[1/2] pgd_at seed 0: finished earlier" in result.stdout, result.stdout[-3000:]
+  assert _digest(first) == kept
+  assert json.loads((workdir / "study.json").read_text())["rows"][0]["seeds_finished"] == [0, 1]
+
+
 def test_autoattack_stopped_mid_stage_resumes_to_the_same_report(finished, tmp_path):
   """SIGTERM while AutoAttack runs (after its first stage saved its progress): one line, exit 0,
   the state kept; the same command resumes and ends with the report of an uninterrupted run."""

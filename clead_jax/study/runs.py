@@ -223,9 +223,12 @@ def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note
       say(f"study: {where}: FAILED: {e}")
     except stopping.Stopped as stopped:
       refresh(plots=False)
-      stopped.what_was_kept = (f"study run {where}: {stopped.what_was_kept}; the finished runs "
-                               f"are summarised in {tables.stem_path(workdir, sweeps)}.md; run "
-                               "the same study command to resume")
+      this_run = stopped.what_was_kept.split("; run the same command")[0]
+      stopped.what_was_kept = (f"study run {where}: {this_run}; the {len(reports)} finished "
+                               f"runs are summarised in {tables.stem_path(workdir, sweeps)}.md; "
+                               "run the same study command to resume")
+      # Finished runs were kept: the study's exit is 0 even when this run had not started.
+      stopped.nothing_ran = stopped.nothing_ran and not reports
       raise
     else:
       reports[(variant, seed)] = report
