@@ -208,7 +208,9 @@ def to_markdown(report: dict) -> str:
               + ", ".join(f"{e:.4g}: {a:.3f}" for e, a in zip(curve["epsilon"], curve["accuracy"]))]
   for warning in report.get("warnings", []):
     lines += ["", f"WARNING: {warning}"]
-  lines += ["", f"Train time {report.get('train_time_s', 0.0):.1f} s, evaluation time "
+  trained = ("" if "train_time_s" not in report  # an imported checkpoint: not trained here
+             else f"Train time {report['train_time_s']:.1f} s, ")
+  lines += ["", f"{trained}{'e' if trained else 'E'}valuation time "
             f"{report.get('eval_time_s', 0.0):.1f} s.", ""]
   return "\n".join(lines)
 

@@ -237,6 +237,8 @@ def test_export_command_and_evaluate_of_the_export(adversarially_trained, tmp_pa
   import json  # pylint: disable=g-import-not-at-top
   imported = json.load(open(tmp_path / "imported" / "report.json"))
   assert imported["clean_accuracy"] == report["clean_accuracy"]
+  assert "train_time_s" not in imported  # not trained here: no "Train time 0.0 s"
+  assert "Train time" not in (tmp_path / "imported" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -243,6 +243,5 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
   info = {"step": 0, "rule": f"the PyTorch checkpoint {torch_path}"}
   return evaluate_state(config, workdir, network, variables, 0, dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
-                        header_extra={"method": "imported", "torch_checkpoint": torch_path,
-                                      "train_time_s": 0.0},
+                        header_extra={"method": "imported", "torch_checkpoint": torch_path},
                         progress=progress, source=f"torch:{os.path.abspath(torch_path)}")
