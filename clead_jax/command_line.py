@@ -6,8 +6,10 @@ config file, an override without --config, a missing required flag, a value of t
 or out of range. A stop by SIGINT or SIGTERM is one line too (clead_jax/stopping.py): exit 0 when
 work was kept, 130 or 143 when nothing had run yet.
 
-Library noise (absl, Orbax and TensorStore logging) goes to DIR/clead_jax.log once the command
-knows its directory; `--verbosity=0` (or higher) sends it to the terminal as well.
+Library noise (absl, Orbax and TensorStore logging, and what library threads write to stderr,
+such as the tracebacks of a failed background checkpoint write) goes to DIR/clead_jax.log once the
+command knows its directory; `--verbosity=0` (or higher) sends it to the terminal as well. A
+full disk anywhere is one line too.
 """
 
 import contextlib
