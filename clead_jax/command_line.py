@@ -31,6 +31,7 @@ LOG_FILE = "clead_jax.log"
 
 
 def fail(message):
+  stopping.end_progress_bars()
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)
 

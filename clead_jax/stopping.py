@@ -107,11 +107,20 @@ def check(all_processes=True):
     raise Stopped(signal_name() or "a signal to another process")
 
 
+def end_progress_bars():
+  """Closes the progress bars still drawn (a stop or an error can leave one mid-line), so that
+  the line printed next starts a line of its own."""
+  tqdm = sys.modules.get("tqdm")
+  for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    bar.close()
+
+
 def report_and_exit(stopped: Stopped):
   """The one line a command prints when it stops, then the exit: 0 when work was kept, 128 +
   the signal's number when nothing had run yet. In a multi-process run only process 0 prints
   it (every process stopped at the same point)."""
   jax = sys.modules.get("jax")
+  end_progress_bars()
   if jax is None or jax.process_index() == 0:
     print(f"clead_jax: stopped by {stopped.signal_name}; {stopped.what_was_kept}",
           file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Signals at real moments, many times in a row: the soak behind tests/test_commands.py's signal
+"""Signals at real moments, many times in a row: the soak behind tests/test_signals.py's
 tests (which do it a few times). Not collected by pytest; run it by hand:
 
   python -m tests.soak_signals --runs 20 [--phase compile|evaluation|both]
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from tests import test_commands as commands
+from tests import processes
 
 _COMPILE_DELAYS_S = (0.5, 1.0, 2.0, 3.0, 4.0)
 _BAD = ("Traceback", "Fatal Python error", "Segmentation fault")
@@ -30,12 +30,12 @@ _BAD = ("Traceback", "Fatal Python error", "Segmentation fault")
 
 def _compile_once(workdir, delay):
   """(ok, what happened) of one SIGINT during the first compile."""
-  process = commands._start(commands._main(workdir, commands.ALL_ATTACKS))  # pylint: disable=protected-access
-  commands._wait_for(lambda: os.path.exists(os.path.join(workdir, "config.json")), process)  # pylint: disable=protected-access
+  process = processes.start(processes.main_command(workdir, processes.ALL_ATTACKS))
+  processes.wait_for(lambda: os.path.exists(os.path.join(workdir, "config.json")), process)
   time.sleep(delay)
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=300)
-  lines = commands._messages(stderr)  # pylint: disable=protected-access
+  lines = processes.messages(stderr)
   stops = [l for l in lines if l.startswith("clead_jax: stopped by SIGINT")]
   clean = len(stops) == 1 and lines[-1] == stops[0] and not any(b in stderr for b in _BAD)
   if process.returncode == 130:
@@ -47,18 +47,18 @@ def _compile_once(workdir, delay):
 
 def _evaluation_once(workdir, cache):
   """(ok, what happened) of one SIGTERM during the final evaluation, then the resume."""
-  argv = commands._main(workdir, "--config.eval.attacks=pgd20,pgd100,cw",  # pylint: disable=protected-access
+  argv = processes.main_command(workdir, "--config.eval.attacks=pgd20,pgd100,cw",
                         "--config.eval.num_examples=-1", cache=cache)
-  process = commands._start(argv)  # pylint: disable=protected-access
-  commands._wait_for(lambda: os.path.exists(os.path.join(workdir, "report.json")), process)  # pylint: disable=protected-access
+  process = processes.start(argv)
+  processes.wait_for(lambda: os.path.exists(os.path.join(workdir, "report.json")), process)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
-  stops = [l for l in commands._messages(stderr) if "clead_jax: stopped" in l]  # pylint: disable=protected-access
+  stops = [l for l in processes.messages(stderr) if "clead_jax: stopped" in l]
   ok = (process.returncode == 0 and len(stops) == 1 and "training is finished" in stops[0]
         and not any(b in stderr for b in _BAD))
-  partial = commands._report(workdir)  # pylint: disable=protected-access
-  result = commands._run(argv)  # pylint: disable=protected-access
-  report = commands._report(workdir) if result.returncode == 0 else {}  # pylint: disable=protected-access
+  partial = processes.read_report(workdir)
+  result = processes.run(argv)
+  report = processes.read_report(workdir) if result.returncode == 0 else {}
   ok = ok and (result.returncode == 0 and "resuming from step" in result.stdout
                and set(report.get("robust_accuracy", {})) == {"pgd20", "pgd100", "cw"}
                and report["train_time_s"] == partial["train_time_s"] > 0)
