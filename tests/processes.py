@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import REPO
 
 # A tiny digits PGD-AT run: something stays robust, so AutoAttack has several stages to run.
@@ -45,6 +47,18 @@ def finished_run(workdir, cache):
   result = run(main_command(workdir, ALL_ATTACKS, cache=cache))
   assert result.returncode == 0, result.stderr[-3000:]
   return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """A compilation cache shared by the tests of one module."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cache):  # pylint: disable=redefined-outer-name
+  """A finished tiny run with FGSM, PGD-20, PGD-100 and CW in its report, once per module."""
+  return finished_run(tmp_path_factory.mktemp("finished"), cache)
 
 
 def digest(workdir):

@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 
 from tests import processes
+from tests.processes import cache, finished  # pylint: disable=unused-import  (fixtures)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache):
-  """A finished tiny run with FGSM, PGD-20, PGD-100 and CW in its report."""
-  return processes.finished_run(tmp_path_factory.mktemp("finished"), cache)
 
 
 def test_evaluate_after_training_adds_autoattack_and_keeps_every_attack(finished, tmp_path):

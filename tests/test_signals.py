@@ -14,20 +14,10 @@ import time
 import pytest
 
 from tests import processes
+from tests.processes import cache, finished  # pylint: disable=unused-import  (fixtures)
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache):
-  """A finished tiny run with FGSM, PGD-20, PGD-100 and CW in its report."""
-  return processes.finished_run(tmp_path_factory.mktemp("finished"), cache)
 
 
 # A real full disk: a 64 MB tmpfs in a private mount namespace (unprivileged through a user
