@@ -30,6 +30,7 @@ from clead_jax.errors import UserError
 # The reference's stage names (pyautoattack) -> ours (report keys autoattack/<name>).
 STAGES = {"apgd-ce": "apgd_ce", "apgd-t": "apgd_t", "fab-t": "fab_t", "square": "square",
           "apgd-dlr": "apgd_dlr", "fab": "fab"}
+_REFERENCE_NAMES = {ours: reference for reference, ours in STAGES.items()}
 _STAGE_LINE = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)% \(total time ([0-9.]+) s\)")
 
 
@@ -101,9 +102,8 @@ def compare(ours_clean, ours_stages, reference_clean, reference_robust, referenc
   ours_final = list(ours_stages.values())[-1]
   stages = {}
   for name, flags_after in ours_stages.items():
-    reference_name = next((r for r, o in STAGES.items() if o == name), name)
     stages[name] = {"ours": float(np.mean(flags_after)),
-                    "reference": reference_after.get(reference_name)}
+                    "reference": reference_after.get(_REFERENCE_NAMES.get(name, name))}
   only_ours = np.flatnonzero(~ours_final & reference_robust)
   only_reference = np.flatnonzero(ours_final & ~reference_robust)
   ours_count, reference_count = int(ours_final.sum()), int(reference_robust.sum())
@@ -127,9 +127,8 @@ def add_times(result, ours_times, reference_times, reference_total):
   """Seconds per stage and in all, ours (the report's attack_time_s: ours ran on all of the
   report's points, with compilation) and the reference's (on the cross-checked points)."""
   for name, values in result["stages"].items():
-    reference_name = next((r for r, o in STAGES.items() if o == name), name)
     values["ours_time_s"] = ours_times.get(f"autoattack/{name}")
-    values["reference_time_s"] = reference_times.get(reference_name)
+    values["reference_time_s"] = reference_times.get(_REFERENCE_NAMES.get(name, name))
   result["time_s"] = {"ours": ours_times.get("autoattack"), "reference": reference_total}
   return result
 
@@ -140,7 +139,7 @@ def _cell(value, form):
 
 def to_markdown(result):
   times = result.get("time_s", {})
-  lines = [f"# AutoAttack cross-check: ours against the reference (pyautoattack)", "",
+  lines = ["# AutoAttack cross-check: ours against the reference (pyautoattack)", "",
            f"{result['num_examples']} test points, the report's checkpoint (step "
            f"{result['step']}), {result['norm']} epsilon = {result['epsilon']:g}. Times: ours "
            f"from the report (its {result.get('report_examples', result['num_examples'])} points, "
