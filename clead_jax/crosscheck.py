@@ -4,7 +4,8 @@
 
 (console script: clead-crosscheck). Reads DIR's report (its checkpoint, epsilon, norm and the
 per-example AutoAttack flags in report_examples.npz; run `evaluate --attacks=autoattack` first),
-exports that checkpoint to PyTorch (clead_jax/export.py), runs the reference AutoAttack
+exports the weights that report measured (its checkpoint, last or best, or the PyTorch file it
+imported; their fingerprint must still be the report's) to PyTorch (clead_jax/torch_weights.py), runs the reference AutoAttack
 (fra31/auto-attack as RobustBench installs it: the `pyautoattack` package; pip install
 pyautoattack) in its standard version on the first N of the report's test points, and writes
 DIR/crosscheck.json and crosscheck.md: clean and robust accuracy after each stage, ours and the
@@ -141,7 +142,8 @@ def to_markdown(result):
   times = result.get("time_s", {})
   lines = ["# AutoAttack cross-check: ours against the reference (pyautoattack)", "",
            f"{result['num_examples']} test points, the report's checkpoint (step "
-           f"{result['step']}), {result['norm']} epsilon = {result['epsilon']:g}. Times: ours "
+           f"{result['step']}, weights fingerprint {result.get('weights_fingerprint', '?')}), "
+           f"{result['norm']} epsilon = {result['epsilon']:g}. Times: ours "
            f"from the report (its {result.get('report_examples', result['num_examples'])} points, "
            "compilation included), the reference's on these points, on this machine.", "",
            "| | ours | reference | ours (s) | reference (s) |", "|---|---|---|---|---|",
@@ -168,7 +170,6 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   from clead_jax import input_pipeline
   from clead_jax import parallel
   from clead_jax import report as report_lib
-  from clead_jax import train_state
   from clead_jax.evaluation import workdir as workdir_lib
   report_path = os.path.join(workdir, report_lib.REPORT)
   examples_path = os.path.join(workdir, report_lib.EXAMPLES)
@@ -190,13 +191,13 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
     n = num_examples
   config = workdir_lib.load_config(workdir)
   dataset = input_pipeline.load_dataset(config.data)
-  model = train_state.build(config, dataset)
-  step = report["checkpoint"]["step"] if "checkpoint" in report else report["steps"]
-  state, step, _ = workdir_lib.restore_checkpoint(workdir, config, model, parallel.make_mesh(),
-                                                  str(step))
+  network, variables, mean, std = workdir_lib.restore_evaluated(workdir, report, config, dataset,
+                                                                parallel.make_mesh())
+  del network  # the PyTorch twin below is built from the same architecture and weights
+  step = report["evaluation"]["checkpoint_step"]
   arch = torch_weights.architecture(config.model, dataset.image_shape, dataset.num_classes)
-  state_dict, _ = torch_weights.to_torch(config.model, jax.device_get(state.variables))
-  torch_model = torch_weights.torch_module(arch, dataset.mean, dataset.std, state_dict)
+  state_dict, _ = torch_weights.to_torch(config.model, jax.device_get(variables))
+  torch_model = torch_weights.torch_module(arch, mean, std, state_dict)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
   reference_times = {}
   robust, after, seconds = reference_autoattack(
@@ -211,6 +212,9 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   result = compare(stored["clean"][:n], ours_stages, reference_clean, robust, after)
   add_times(result, report.get("attack_time_s", {}), reference_times, seconds)
   result.update(step=int(step), epsilon=report["epsilon"], norm=report["norm"],
+                checkpoint_source=report["evaluation"]["checkpoint_source"],
+                weights_fingerprint=report["evaluation"]["weights_fingerprint"],
+                config_fingerprint=report["evaluation"]["config_fingerprint"],
                 report_examples=len(stored["clean"]),
                 reference="pyautoattack, version standard, seed 0, "
                 f"batch size {batch_size}, {torch.get_num_threads()} PyTorch threads")

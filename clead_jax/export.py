@@ -10,7 +10,8 @@
                    strict=True, or null with the reason there is none;
   mean, std        the normalisation, which Normalized(module, mean, std) puts inside the model;
   projection_head  the contrastive head's weights (not part of the classifier), for the way back;
-  clead_jax        the run's config, the checkpoint step and the dataset;
+  clead_jax        the run's config, the checkpoint step, the dataset and the fingerprints of
+                   the weights and the training config (clead_jax/provenance.py);
 and FILE.py, a copy of clead_jax/torch_models.py (it imports only torch). Then it loads the two
 files as below and compares the PyTorch model's logits and predictions with ours on the first
 --check_examples test images (default 1000, 0 skips); logits that differ by more than 1e-4 of the
@@ -71,10 +72,11 @@ def main(argv):
     model = train_state.build(config, dataset)
     state, step, _ = workdir_lib.restore_checkpoint(values.workdir, config, model,
                                                     parallel.make_mesh(), values.checkpoint)
-    variables = jax.device_get(state.variables)
+    variables = jax.device_get(workdir_lib.evaluated_variables(state, config))
     written = torch_weights.export_state(config, variables, step, dataset, values.out)
     rb = written["robustbench"]
-    print(f"clead_jax.export: step {step} of {values.workdir} -> {values.out} and "
+    print(f"clead_jax.export: step {step} of {values.workdir} (weights fingerprint "
+          f"{written['clead_jax']['weights_fingerprint']}) -> {values.out} and "
           f"{os.path.splitext(values.out)[0]}.py ({written['architecture']['name']}); "
           + (f"loads into RobustBench's {rb.get('class') or rb.get('factory')} with strict=True"
              if "none" not in rb else f"no RobustBench class: {rb['none']}"), flush=True)

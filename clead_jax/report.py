@@ -28,6 +28,22 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 REPORT = "report.json"
 EXAMPLES = "report_examples.npz"
+CROSSCHECK = "crosscheck"  # crosscheck.json and crosscheck.md (clead_jax/crosscheck.py)
+
+
+def identity_difference(old, new) -> str:
+  """Why an evaluation identity `old` (a report's 'evaluation') is not `new`, in words."""
+  if not isinstance(old, dict):
+    return "it has no readable evaluation identity"
+  if "weights_fingerprint" not in old:
+    return "it predates weight fingerprints, so its weights cannot be told apart"
+  parts = []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key) != new.get(key):
+      label = {"weights_fingerprint": "weights", "config_fingerprint": "training config"}.get(
+          key, key)
+      parts.append(f"{label} {old.get(key)} -> {new.get(key)}")
+  return "other " + "; ".join(parts) if parts else "it could not be read"
 
 
 def command_line():
@@ -41,6 +57,15 @@ def command_line():
   if program.endswith("__main__.py") and len(parts) > 1:  # python -m pytest, ...
     return shlex.join(["python", "-m", parts[-2]] + sys.argv[1:])
   return shlex.join([os.path.basename(program)] + sys.argv[1:])
+
+
+def read_examples(workdir):
+  """DIR/report_examples.npz as {attack: (n,) bool}, None if there is none."""
+  path = os.path.join(workdir, EXAMPLES)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    return {k.replace("__", "/"): saved[k].astype(bool) for k in saved.files}
 
 
 def _now():
@@ -62,6 +87,7 @@ class Report:
                  "attack_time_s": {}, "measured": {}, "transfer_attacks": {}}
     self.flags = {}  # name -> (n,) bool: correct clean ("clean") / correct clean and after it
     self.archived = None
+    self.archived_because = None  # in words, when an earlier report was archived
     if read_existing and workdir:
       self._continue_or_archive()
 
@@ -77,11 +103,7 @@ class Report:
     except (OSError, ValueError):
       old = None
     if old is not None and old.get("evaluation") == self.identity:
-      flags = {}
-      examples = os.path.join(self.workdir, EXAMPLES)
-      if os.path.exists(examples):
-        with np.load(examples) as saved:
-          flags = {k.replace("__", "/"): saved[k].astype(bool) for k in saved.files}
+      flags = read_examples(self.workdir) or {}
       for key in ("robust_accuracy", "attack_time_s", "measured", "transfer_attacks"):
         self.data[key] = dict(old.get(key, {}))
       for key in ("robustness_curve", "train_time_s", "compile_time_s"):
@@ -90,16 +112,20 @@ class Report:
       self.flags = flags
       return
     if self.is_writer:
+      self.archived_because = identity_difference((old or {}).get("evaluation"), self.identity)
       self.archived = self._archive(old)
 
   def _archive(self, old):
-    """Keeps an old report of another evaluation as report.<step>[.k].json (md, npz too)."""
+    """Keeps an old report of another evaluation as report.<step>[.k].json (md, npz too, and
+    the cross-check of its AutoAttack, which is of the same weights)."""
     step = (old or {}).get("steps", "old")
     stem, k = f"report.{step}", 1
     while os.path.exists(os.path.join(self.workdir, stem + ".json")):
       k += 1
       stem = f"report.{step}.{k}"
-    for name, suffix in ((REPORT, ".json"), ("report.md", ".md"), (EXAMPLES, ".examples.npz")):
+    for name, suffix in ((REPORT, ".json"), ("report.md", ".md"), (EXAMPLES, ".examples.npz"),
+                         (CROSSCHECK + ".json", ".crosscheck.json"),
+                         (CROSSCHECK + ".md", ".crosscheck.md")):
       source = os.path.join(self.workdir, name)
       if os.path.exists(source):
         os.replace(source, os.path.join(self.workdir, stem + suffix))
@@ -184,6 +210,11 @@ def to_markdown(report: dict) -> str:
   ]
   if checkpoint:
     lines += ["", f"Checkpoint: step {checkpoint['step']} ({checkpoint['rule']})."]
+  evaluation = report.get("evaluation", {})
+  if "weights_fingerprint" in evaluation:
+    lines += ["", f"Weights fingerprint {evaluation['weights_fingerprint']}"
+              f"{' (' + report['weights'] + ' weights)' if report.get('weights') else ''}, "
+              f"training config fingerprint {evaluation['config_fingerprint']}."]
   lines += ["", "| attack | accuracy |", "|---|---|",
             f"| clean | {report.get('clean_accuracy', float('nan')):.4f} |"]
   for name, acc in report["robust_accuracy"].items():

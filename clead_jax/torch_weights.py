@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 
+from clead_jax import provenance
 from clead_jax.errors import UserError
 
 FORMAT = "clead_jax-torch-1"
@@ -285,7 +286,9 @@ def export_state(config, variables, step, dataset, out_path):
       "robustbench": robustbench_class(arch, dataset.image_shape),
       "mean": [float(m) for m in dataset.mean], "std": [float(s) for s in dataset.std],
       "projection_head": {k: torch.from_numpy(np.array(v)) for k, v in head.items()},
-      "clead_jax": {"config": config.to_dict(), "step": int(step), "dataset": dataset.name},
+      "clead_jax": {"config": config.to_dict(), "step": int(step), "dataset": dataset.name,
+                    "weights_fingerprint": provenance.weights_fingerprint(variables),
+                    "config_fingerprint": provenance.config_fingerprint(config)},
   }
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   tmp = out_path + ".tmp"

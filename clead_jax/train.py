@@ -112,6 +112,20 @@ def _truncate_metrics(workdir, step):
   os.replace(path + ".tmp", path)
 
 
+def _archive_earlier_metrics(workdir):
+  """A run that starts from step 0 in a workdir with metrics of an earlier run (whose checkpoints
+  are gone) keeps those as metrics.<n>.jsonl, so that metrics.jsonl is of one run only."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  k = 1
+  while os.path.exists(os.path.join(workdir, f"metrics.{k}.jsonl")):
+    k += 1
+  os.replace(path, os.path.join(workdir, f"metrics.{k}.jsonl"))
+  _say(f"{path} held metrics of an earlier run without a readable checkpoint; kept as "
+       f"metrics.{k}.jsonl")
+
+
 def _prepare_workdir(workdir):
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -150,6 +164,8 @@ def restore_or_init(config, workdir, model, mesh, checkpointer):
     if jax.process_index() == 0:
       _truncate_metrics(workdir, int(state.step))
     return state, meta
+  if jax.process_index() == 0:
+    _archive_earlier_metrics(workdir)
   state = train_state.init_state(model, config.seed, mesh)
   if config.train.init_from:
     replicated = parallel.replicated(mesh)
@@ -346,11 +362,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   n = workdir_lib.num_test_examples(config.eval.num_examples, dataset, "config.eval.num_examples")
   try:
     report = workdir_lib.evaluate_state(
-        config, workdir, model.network, state.variables, step, dataset, mesh,
+        config, workdir, model.network, workdir_lib.evaluated_variables(state, config), step,
+        dataset, mesh,
         attack_names=suite.parse_attack_names(config.eval.attacks), num_examples=n,
         checkpoint_info={"step": step, "rule": workdir_lib.checkpoint_rule(
             "latest", step, model.total_steps, config)},
-        header_extra={"train_time_s": train_time, "compile_time_s": compile_s},
+        header_extra={"train_time_s": train_time, "compile_time_s": compile_s,
+                      "total_steps": model.total_steps},
         progress=True, skip_measured=True)
   except stopping.Stopped as stopped:
     stopped.what_was_kept = (

@@ -545,40 +545,11 @@ def test_autoattack_is_a_registered_evaluation_attack():
 def untrained_workdir(tmp_path_factory):
   """A workdir as training leaves it (config.json and a checkpoint at step 5) for an untrained
   small CNN on digits: cheap to make, and most of its points fall to the first stage."""
-  from clead_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from clead_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from clead_jax import train_state  # pylint: disable=g-import-not-at-top
   from tests.conftest import digits_config  # pylint: disable=g-import-not-at-top
+  from tests.workdirs import random_weights_workdir  # pylint: disable=g-import-not-at-top
   config = digits_config(**{"model.width": 4, "eval.curve_points": 3, "eval.curve_attack": "fgsm",
                             "attack.epsilon": 0.5})
-  workdir = str(tmp_path_factory.mktemp("evaluate"))
-  dataset = input_pipeline.load_dataset(config.data)
-  model = train_state.build(config, dataset)
-  tx = model.tx
-  # Random parameters from numpy: initialising through Flax compiles for many seconds on a CPU.
-  abstract = jax.eval_shape(
-      lambda: train_state.create_train_state(model.network, tx, dataset.image_shape, config.seed))
-  rng = np.random.default_rng(0)
-
-  def init(path, a):  # He-normal kernels, unit BatchNorm scales and variances, zero biases
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "kernel":
-      return (rng.normal(size=a.shape) * np.sqrt(2.0 / np.prod(a.shape[:-1]))).astype(a.dtype)
-    return (np.ones if name in ("scale", "var") else np.zeros)(a.shape, a.dtype)
-
-  params = jax.tree_util.tree_map_with_path(init, abstract.params)
-  state = abstract.replace(
-      step=np.int32(5), params=params,
-      batch_stats=jax.tree_util.tree_map_with_path(init, abstract.batch_stats),
-      opt_state=jax.tree.map(np.asarray, tx.init(params)),
-      rng=np.zeros(abstract.rng.shape, abstract.rng.dtype))
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(sort_keys=True, indent=2) + "\n")
-  checkpointer = checkpointing.Checkpointer(workdir, 3)
-  checkpointer.save(5, state, {"config": json.loads(config.to_json_best_effort()),
-                               "param_shapes": checkpointing.param_shapes(state.params)})
-  checkpointer.close()
-  return workdir
+  return random_weights_workdir(str(tmp_path_factory.mktemp("evaluate")), config)
 
 
 def test_evaluation_command_writes_the_report(untrained_workdir):

@@ -11,6 +11,7 @@ import pytest
 
 from clead_jax import config_checks
 from clead_jax import config_tools
+from clead_jax import provenance
 from clead_jax.study import runs as study
 from clead_jax.errors import UserError
 from tests.conftest import REPO
@@ -96,11 +97,28 @@ def test_study_command_runs_writes_and_resumes(tmp_path):
   assert trained == [str(workdir / "standard" / "seed0")]
 
 
+FAKE_WEIGHTS = "fake-weights"
+
+
+def fake_final_weights(directory, config):
+  """What study.run_study reads of a fake run's checkpoint: its fingerprint and step."""
+  del directory, config
+  return FAKE_WEIGHTS, 1
+
+
 def _fake_report(config, run_dir, clean, robust, curve=None):
+  """A report as a run's final evaluation writes it (its identity that of step 1 of 1 with the
+  weights fake_final_weights names), without per-example flags."""
   os.makedirs(run_dir, exist_ok=True)
   report = {"method": config.method, "dataset": "digits", "model": "small_cnn", "norm": "linf",
             "epsilon": 0.2, "num_examples": 40, "clean_accuracy": clean,
-            "robust_accuracy": robust, "steps": 1, "train_time_s": 1.0, "eval_time_s": 1.0}
+            "robust_accuracy": robust, "steps": 1, "total_steps": 1, "test_split_size": 360,
+            "train_time_s": 1.0, "eval_time_s": 1.0,
+            "evaluation": {"weights_fingerprint": FAKE_WEIGHTS,
+                           "config_fingerprint": provenance.config_fingerprint(config),
+                           "checkpoint_step": 1, "checkpoint_source": "checkpoints",
+                           "num_examples": 40, "epsilon": float(config.attack.epsilon),
+                           "norm": config.attack.norm}}
   if curve is not None:
     report["robustness_curve"] = {"attack": "pgd20", "epsilon": [0.0, 0.2, 0.4], "accuracy": curve}
   with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -160,25 +178,25 @@ def test_statistics_table_and_plots_from_fake_runs(tmp_path):
     assert (tmp_path / plot).stat().st_size > 1000
 
 
-def test_worst_case_is_per_example_where_reports_have_it(tmp_path):
-  """A report's worst_case_accuracy is the run's worst case; older reports (without it) give
-  their lowest accuracy, and the caption says which."""
+def test_worst_case_is_the_lowest_accuracy_for_every_run_unless_all_have_flags(tmp_path):
+  """One run with per-example flags and one without: both get the lowest accuracy over the
+  shared attacks (never per example for one and lowest for the other), and the caption says so."""
   def fake_train(config, run_dir):
     report = _fake_report(config, run_dir, clean=0.9, robust={"pgd20": 0.5, "fgsm": 0.6})
-    if config.method == "pgd_at":
-      report["worst_case_accuracy"] = 0.45  # lower than every single attack: per example
-      with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump(report, f)
+    if config.method == "pgd_at":  # its flags would give 0.45 per example
+      robust = np.arange(40) < 18
+      np.savez(os.path.join(run_dir, "report_examples.npz"), clean=np.ones(40, bool),
+               pgd20=robust, fgsm=robust)
     return report
 
   summary = study.run_study(_config(), str(tmp_path), ["pgd_at", "clead"], 1,
                             train_fn=fake_train)
   rows = {row["method"]: row for row in summary["rows"]}
-  assert rows["pgd_at"]["worst_case_accuracy"]["mean"] == 0.45
-  assert rows["pgd_at"]["worst_case_per_example"]
+  assert rows["pgd_at"]["worst_case_accuracy"]["mean"] == 0.5
   assert rows["clead"]["worst_case_accuracy"]["mean"] == 0.5
-  assert not rows["clead"]["worst_case_per_example"]
-  assert "per example for runs whose report has it" in (tmp_path / "study.md").read_text()
+  assert not summary["worst_case_per_example"] and not rows["pgd_at"]["worst_case_per_example"]
+  assert ("the lowest accuracy of each run over fgsm, pgd20, the same attacks for every run (not "
+          "every run has its per-example results)") in (tmp_path / "study.md").read_text()
 
 
 def test_sweep_values_take_the_field_type():
@@ -226,7 +244,7 @@ def test_finished_run_with_another_config_is_an_error(tmp_path):
     raise AssertionError(f"trained {config.method} again in {run_dir}")
 
   study.run_study(_config(**{"eval.batch_size": 7, "train.log_every": 3}), str(tmp_path),
-                  ["clead"], 1, train_fn=must_not_train)
+                  ["clead"], 1, train_fn=must_not_train, final_weights=fake_final_weights)
   with pytest.raises(UserError, match="config.loss.temperature"):
     study.run_study(_config(**{"loss.temperature": 0.5}), str(tmp_path), ["clead"], 1,
                     train_fn=fake)

@@ -60,6 +60,8 @@ class _Progress:
   chunks_done: int = 0  # batches of the current run already attacked
   size: int = 0  # the padded batch size in use (kept so that resumed batches have equal shapes)
   elapsed_s: float = 0.0
+  batch_size: int = 0  # the Runner's batch size and device count that cut the current run into
+  devices: int = 0  # batches (0: unknown, a state saved before they were recorded)
 
 
 class Runner:
@@ -137,7 +139,8 @@ class Runner:
                            else np.zeros((0,), np.int64))}
     meta = {"identity": identity, "stage": progress.stage, "run": progress.run,
             "run_started": progress.run_todo is not None, "chunks_done": progress.chunks_done,
-            "size": progress.size, "elapsed_s": progress.elapsed_s}
+            "size": progress.size, "elapsed_s": progress.elapsed_s,
+            "batch_size": progress.batch_size, "devices": progress.devices}
     tmp = state_path + ".tmp.npz"
     np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
     os.replace(tmp, state_path)
@@ -168,7 +171,23 @@ class Runner:
                      run=meta["run"],
                      run_todo=arrays["run_todo"] if meta["run_started"] else None,
                      chunks_done=meta["chunks_done"], size=meta["size"],
-                     elapsed_s=meta["elapsed_s"])
+                     elapsed_s=meta["elapsed_s"], batch_size=meta.get("batch_size", 0),
+                     devices=meta.get("devices", 0))
+
+  def _rebatch(self, state, state_path):
+    """A run stopped mid-way under another batch size or device count goes on with this
+    Runner's: the examples it had not attacked yet become the run's examples (each example's
+    result depends on its index only, not on its batch)."""
+    devices = self.mesh.devices.size
+    made_with = (state.batch_size or self.batch_size, state.devices or devices)
+    if state.run_todo is None or made_with == (self.batch_size, devices):
+      return
+    done = state.chunks_done * sharded.chunk_length(len(state.run_todo), made_with[0])
+    state.run_todo, state.chunks_done, state.size = state.run_todo[done:], 0, 0
+    if jax.process_index() == 0:
+      print(f"clead_jax: the saved {self.name} progress {state_path} was made with batch size "
+            f"{made_with[0]} on {made_with[1]} device(s); continuing its run with batch size "
+            f"{self.batch_size} on {devices} (results do not depend on either)", flush=True)
 
   # --- the run ---
 
@@ -187,6 +206,8 @@ class Runner:
                                  norm=self.norm, **self.settings)
     identity = self._identity(epsilon, n, identity)
     state = self._read(state_path, identity)
+    if state is not None:
+      self._rebatch(state, state_path)
     if state is not None and progress and jax.process_index() == 0:
       print(f"clead_jax: resuming {self.name} at stage {stage_list[state.stage].name if state.stage < len(stage_list) else 'end'}, "
             f"run {state.run} ({int(state.robust.sum())}/{n} still robust)", flush=True)
@@ -217,12 +238,16 @@ class Runner:
           if state.run_todo is None:  # a new run: fix its examples and its batches
             state.run_todo = np.flatnonzero(state.robust)
             state.chunks_done = 0
+            state.batch_size, state.devices = self.batch_size, self.mesh.devices.size
             if len(state.run_todo):
               length = sharded.chunk_length(len(state.run_todo), self.batch_size)
               if not state.size or not state.size // 2 < length <= state.size:
                 state.size = sharded.bucket(length, self.batch_size, self.mesh.devices.size)
           todo = state.run_todo
           length = sharded.chunk_length(len(todo), self.batch_size) if len(todo) else 1
+          if len(todo) and not state.size:  # rebatched on resume
+            state.size = sharded.bucket(length, self.batch_size, self.mesh.devices.size)
+          state.batch_size, state.devices = self.batch_size, self.mesh.devices.size
           for start in range(state.chunks_done * length, len(todo), length):
             chunk = todo[start:start + length]
             state.robust[chunk] = run_map(fn, images, labels, chunk, epsilon_traced,

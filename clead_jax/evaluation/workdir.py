@@ -14,6 +14,7 @@ import ml_collections
 from clead_jax import checkpointing
 from clead_jax import input_pipeline
 from clead_jax import parallel
+from clead_jax import provenance
 from clead_jax import report as report_lib
 from clead_jax import train_state
 from clead_jax.errors import UserError
@@ -84,9 +85,11 @@ def checkpoint_rule(checkpoint, step, total_steps, config):
   return f"step {step}, chosen by --checkpoint"
 
 
-def restore_checkpoint(workdir, config, model, mesh, checkpoint="latest"):
-  """(state, step) of the checkpoint of `workdir` named by `checkpoint`."""
-  best = checkpoint == "best"
+def restore_checkpoint(workdir, config, model, mesh, checkpoint="latest", best=None):
+  """(state, step, meta) of the checkpoint of `workdir` named by `checkpoint` ('latest', 'best'
+  or a step); best=True looks for a step among the best checkpoints (default: checkpoint ==
+  'best')."""
+  best = checkpoint == "best" if best is None else best
   directory = os.path.join(os.path.abspath(workdir), "best_checkpoint" if best else "checkpoints")
   if not best and not os.path.isdir(directory):
     raise UserError(f"{directory} does not exist; train first (python -m clead_jax.main)")
@@ -103,6 +106,53 @@ def restore_checkpoint(workdir, config, model, mesh, checkpoint="latest"):
   return state, step, meta
 
 
+def evaluated_variables(state, config):
+  """The variables of a train state that evaluation, export and the study measure."""
+  del config
+  return state.variables
+
+
+def final_weights_fingerprint(workdir, config, dataset, mesh):
+  """(fingerprint of the weights a run's final evaluation measures, its step), from the
+  latest checkpoint; (None, None) when none can be read."""
+  model = train_state.build(config, dataset)
+  try:
+    state, step, _ = restore_checkpoint(workdir, config, model, mesh)
+  except UserError:
+    return None, None
+  return provenance.weights_fingerprint(evaluated_variables(state, config)), step
+
+
+TORCH_SOURCE = "torch:"  # a report's checkpoint_source for an imported PyTorch file
+
+
+def restore_evaluated(workdir, report, config, dataset, mesh):
+  """(network, variables, mean, std) of the model DIR's `report` evaluated: the training
+  checkpoint (last or best) or the imported PyTorch file its identity names. The weights'
+  fingerprint must be the report's: otherwise the checkpoint or file was replaced since, and
+  this is a UserError saying so."""
+  evaluation = report.get("evaluation", {})
+  source = evaluation.get("checkpoint_source", "checkpoints")
+  if source.startswith(TORCH_SOURCE):
+    where = source[len(TORCH_SOURCE):]
+    network, variables, mean, std = load_torch_model(config, where, dataset, mesh)
+  else:
+    model = train_state.build(config, dataset)
+    step = evaluation.get("checkpoint_step", report.get("steps"))
+    state, _, _ = restore_checkpoint(workdir, config, model, mesh, str(step),
+                                     best=source == "best_checkpoint")
+    network, variables = model.network, evaluated_variables(state, config)
+    mean, std = dataset.mean, dataset.std
+    where = f"{source}/ step {step}"
+  wanted = evaluation.get("weights_fingerprint")
+  found = provenance.weights_fingerprint(variables)
+  if wanted != found:
+    raise UserError(f"the report in {workdir} is of weights {wanted or '(none: an older report)'} "
+                    f"but {where} now holds weights {found}; run python -m clead_jax.evaluate "
+                    f"--workdir {workdir} --attacks=autoattack again first")
+  return network, variables, mean, std
+
+
 def load_surrogate(surrogate_workdir, dataset, mesh):
   """The latest checkpoint of another run, as the network a transfer attack makes points on."""
   config = load_config(surrogate_workdir, flag="config.eval.surrogate")
@@ -112,13 +162,17 @@ def load_surrogate(surrogate_workdir, dataset, mesh):
   model = train_state.build(config, dataset)
   state, _, _ = restore_checkpoint(surrogate_workdir, config, model, mesh)
   evaluator_network = suite.Evaluator(model.network, mesh, config.attack.norm, 1, 0).network
-  return suite.Surrogate(lambda v, x: evaluator_network.apply(v, x, train=False), state.variables,
-                         surrogate_workdir)
+  return suite.Surrogate(lambda v, x: evaluator_network.apply(v, x, train=False),
+                         evaluated_variables(state, config), surrogate_workdir)
 
 
-def evaluation_identity(config, step, source, num_examples):
-  """What makes two evaluations the same one (report.Report continues it)."""
-  return {"checkpoint_step": int(step), "checkpoint_source": source,
+def evaluation_identity(config, step, source, num_examples, weights_fingerprint):
+  """What makes two evaluations the same one (report.Report continues it, AutoAttack's saved
+  progress resumes it): the weights as evaluated and the training config, by fingerprint
+  (clead_jax/provenance.py), then the checkpoint, data, examples and threat model."""
+  return {"weights_fingerprint": weights_fingerprint,
+          "config_fingerprint": provenance.config_fingerprint(config),
+          "checkpoint_step": int(step), "checkpoint_source": source,
           "dataset": config.data.name, "split": "test", "num_examples": int(num_examples),
           "epsilon": float(config.attack.epsilon), "norm": config.attack.norm,
           "model": config.model.name}
@@ -151,13 +205,15 @@ def evaluate_state(config, workdir, network, state_variables, step, dataset, mes
                               config.seed)
   header = {"method": config.method, "dataset": config.data.name, "model": config.model.name,
             "norm": config.attack.norm, "epsilon": float(config.attack.epsilon),
-            "num_examples": int(num_examples), "steps": int(step), "checkpoint": checkpoint_info,
+            "num_examples": int(num_examples), "test_split_size": len(dataset.test_labels),
+            "steps": int(step), "checkpoint": checkpoint_info,
             **(header_extra or {})}
-  identity = evaluation_identity(config, step, source, num_examples)
+  identity = evaluation_identity(config, step, source, num_examples,
+                                 provenance.weights_fingerprint(state_variables))
   report = report_lib.Report(workdir, header, identity, is_writer=is_writer)
   if report.archived and is_writer:
-    print(f"clead_jax: the earlier report was of another evaluation; kept as "
-          f"{os.path.join(workdir, report.archived)}", flush=True)
+    print(f"clead_jax: the earlier report was of another evaluation ({report.archived_because}); "
+          f"kept as {os.path.join(workdir, report.archived)}", flush=True)
   if skip_measured:
     attack_names = [name for name in attack_names if name not in report.flags]
   surrogate = None
@@ -193,11 +249,40 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
           f"({jax.devices()[0].platform}); attacks {', '.join(attack_names)}", flush=True)
   info = {"step": int(step),
           "rule": checkpoint_rule(checkpoint, step, model.total_steps, config)}
-  extra = {"train_time_s": float(meta.get("train_time_s", 0.0))}
-  return evaluate_state(config, workdir, model.network, state.variables, step, dataset, mesh,
+  extra = {"train_time_s": float(meta.get("train_time_s", 0.0)), "total_steps": model.total_steps}
+  return evaluate_state(config, workdir, model.network, evaluated_variables(state, config), step,
+                        dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
                         header_extra=extra, progress=progress,
                         source="best_checkpoint" if checkpoint == "best" else "checkpoints")
+
+
+def load_torch_model(config, torch_path, dataset, mesh):
+  """(network, variables, mean, std) of a PyTorch checkpoint (see evaluate_torch_checkpoint),
+  the variables replicated over `mesh`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from clead_jax import torch_weights  # pylint: disable=g-import-not-at-top
+  from clead_jax import models  # pylint: disable=g-import-not-at-top
+  torch = torch_weights.import_torch()
+  if not os.path.exists(torch_path):
+    raise UserError(f"--torch_checkpoint {torch_path}: no such file")
+  try:
+    checkpoint = torch.load(torch_path, map_location="cpu", weights_only=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"--torch_checkpoint {torch_path} cannot be read by torch.load "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+  channels = dataset.image_shape[-1]
+  mean = checkpoint.get("mean", [0.0] * channels) if isinstance(checkpoint, dict) else None
+  std = checkpoint.get("std", [1.0] * channels) if isinstance(checkpoint, dict) else None
+  mean, std = mean or [0.0] * channels, std or [1.0] * channels
+  network = models.build_network(config.model, dataset.num_classes, mean, std)
+  abstract = jax.eval_shape(lambda: network.init(
+      jax.random.key(0), jax.numpy.zeros((1,) + tuple(dataset.image_shape)), train=False))
+  state = {k: v.detach().cpu().numpy() for k, v in torch_weights.unwrap_state_dict(checkpoint).items()}
+  head = checkpoint.get("projection_head") if isinstance(checkpoint, dict) else None
+  head = {k: np.asarray(v) for k, v in head.items()} if head else None
+  variables = torch_weights.from_torch(config.model, state, abstract, source=torch_path, head=head)
+  return network, jax.device_put(variables, parallel.replicated(mesh)), mean, std
 
 
 def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_examples=None,
@@ -206,33 +291,11 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
   dict of a registry architecture) with the config's data, model and threat model; the report
   goes to `workdir`. Inputs are [0, 1]; the normalisation is the checkpoint's own ('mean' and
   'std' entries, as ours have) or none (RobustBench's models normalise inside, if at all)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
-  from clead_jax import torch_weights  # pylint: disable=g-import-not-at-top
-  from clead_jax import models  # pylint: disable=g-import-not-at-top
-  torch = torch_weights.import_torch()
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
-  if not os.path.exists(torch_path):
-    raise UserError(f"--torch_checkpoint {torch_path}: no such file")
-  try:
-    checkpoint = torch.load(torch_path, map_location="cpu", weights_only=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"--torch_checkpoint {torch_path} cannot be read by torch.load "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
   dataset = input_pipeline.load_dataset(config.data)
-  channels = dataset.image_shape[-1]
-  mean = checkpoint.get("mean", [0.0] * channels) if isinstance(checkpoint, dict) else None
-  std = checkpoint.get("std", [1.0] * channels) if isinstance(checkpoint, dict) else None
-  network = models.build_network(config.model, dataset.num_classes, mean or [0.0] * channels,
-                                 std or [1.0] * channels)
-  abstract = jax.eval_shape(lambda: network.init(
-      jax.random.key(0), jax.numpy.zeros((1,) + tuple(dataset.image_shape)), train=False))
-  state = {k: v.detach().cpu().numpy() for k, v in torch_weights.unwrap_state_dict(checkpoint).items()}
-  head = checkpoint.get("projection_head") if isinstance(checkpoint, dict) else None
-  head = {k: np.asarray(v) for k, v in head.items()} if head else None
-  variables = torch_weights.from_torch(config.model, state, abstract, source=torch_path, head=head)
   mesh = parallel.make_mesh()
-  variables = jax.device_put(variables, parallel.replicated(mesh))
+  network, variables, _, _ = load_torch_model(config, torch_path, dataset, mesh)
   n = num_test_examples(num_examples if num_examples is not None else config.eval.num_examples,
                         dataset, "--num_examples" if num_examples is not None
                         else "config.eval.num_examples")
@@ -244,4 +307,4 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
   return evaluate_state(config, workdir, network, variables, 0, dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
                         header_extra={"method": "imported", "torch_checkpoint": torch_path},
-                        progress=progress, source=f"torch:{os.path.abspath(torch_path)}")
+                        progress=progress, source=f"{TORCH_SOURCE}{os.path.abspath(torch_path)}")

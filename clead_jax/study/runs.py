@@ -31,6 +31,8 @@ import time
 from clead_jax import config_checks
 from clead_jax import config_tools
 from clead_jax import methods as methods_lib
+from clead_jax import provenance
+from clead_jax import report as report_lib
 from clead_jax import stopping
 from clead_jax import train
 from clead_jax.errors import UserError
@@ -158,7 +160,8 @@ def run_config(config, variant, seed, workdir):
 
 def finished_report(directory, config):
   """The run's report if it finished with this config (every attack of config.eval.attacks is
-  in it); None if it has not finished."""
+  in it); None if it has not finished. A report that is not of the run's final checkpoint, its
+  config and the study's examples is checked by `stale_because`."""
   report_path = os.path.join(directory, "report.json")
   if not os.path.exists(report_path):
     return None
@@ -179,9 +182,63 @@ def finished_report(directory, config):
   return report
 
 
+def stale_because(report, config, final_weights):
+  """Why `report` is not the run's final evaluation (of its last checkpoint, with its training
+  config, on the study's examples and threat model), in words; None if it is.
+  final_weights() -> (fingerprint, step) of the run's latest checkpoint, called only when every
+  cheaper check passed."""
+  evaluation = report.get("evaluation", {})
+  if "weights_fingerprint" not in evaluation:
+    return "it predates weight fingerprints"
+  source = evaluation.get("checkpoint_source")
+  if source != "checkpoints":
+    return f"it is of {source}, not of the last checkpoint"
+  if evaluation.get("checkpoint_step") != report.get("total_steps"):
+    return (f"it is of step {evaluation.get('checkpoint_step')}, not of the final step "
+            f"{report.get('total_steps')}")
+  split = report.get("test_split_size", evaluation.get("num_examples"))
+  requested = config.eval.num_examples
+  examples = split if requested == -1 else min(requested, split)
+  if evaluation.get("num_examples") != examples:
+    return (f"it is of {evaluation.get('num_examples')} test examples, the study's "
+            f"config.eval.num_examples={requested} means {examples}")
+  if (evaluation.get("epsilon") != float(config.attack.epsilon)
+      or evaluation.get("norm") != config.attack.norm):
+    return (f"it is of {evaluation.get('norm')} epsilon {evaluation.get('epsilon')}, not "
+            f"{config.attack.norm} {float(config.attack.epsilon)}")
+  if evaluation.get("config_fingerprint") != provenance.config_fingerprint(config):
+    return "it is of another training config (its fingerprint differs)"
+  fingerprint, step = final_weights()
+  if fingerprint != evaluation["weights_fingerprint"]:
+    return (f"it is of weights {evaluation['weights_fingerprint']}, the checkpoint of step {step} "
+            f"holds {fingerprint}")
+  return None
+
+
+def _final_weights_reader():
+  """final_weights(directory, config) -> (fingerprint, step), loading each dataset once."""
+  # pylint: disable=g-import-not-at-top
+  from clead_jax import input_pipeline
+  from clead_jax import parallel
+  from clead_jax.evaluation import workdir as workdir_lib
+  datasets, meshes = {}, []
+
+  def final_weights(directory, config):
+    key = config.data.to_json_best_effort(sort_keys=True)
+    if key not in datasets:
+      datasets[key] = input_pipeline.load_dataset(config.data)
+    if not meshes:
+      meshes.append(parallel.make_mesh())
+    return workdir_lib.final_weights_fingerprint(directory, config, datasets[key], meshes[0])
+  return final_weights
+
+
 def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note=None,
-              command=None, train_fn=None, is_writer=True):
+              command=None, train_fn=None, is_writer=True, final_weights=None):
   """Trains and evaluates every run not yet finished; writes and returns the summary.
+
+  final_weights(directory, config) -> (fingerprint, step) of a run's latest checkpoint (default:
+  restored from it), with which a finished run's report is checked (`stale_because`).
 
   A stop (SIGINT/SIGTERM) ends the run in progress as training does, writes the summary of the
   finished runs and raises stopping.Stopped.
@@ -200,11 +257,23 @@ def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note
   # Runs that finished earlier are read first, so a changed config stops the study before any work.
   reports = {(v, s): finished_report(d, c) for v, s, c, d in runs}
   reports = {k: r for k, r in reports.items() if r is not None}
+  # A finished run counts only if its report is of its final checkpoint, its config and the
+  # study's examples; a stale one is evaluated again (its report is archived, never merged).
+  final_weights = final_weights or _final_weights_reader()
+  stale = {}
+  for variant, seed, run_cfg, directory in runs:
+    if (variant, seed) in reports:
+      why = stale_because(reports[(variant, seed)], run_cfg,
+                          lambda d=directory, c=run_cfg: final_weights(d, c))
+      if why:
+        stale[(variant, seed)] = why
+        del reports[(variant, seed)]
   failures = {}
 
   def refresh(plots):
+    examples = {(v, s): report_lib.read_examples(d) for v, s, _, d in runs if (v, s) in reports}
     summary = tables.summarize(config, variants, seeds, reports, failures, sweeps, note, command,
-                               time.time() - start)
+                               time.time() - start, examples)
     if is_writer:
       tables.write_study(workdir, summary, plots)
     return summary
@@ -215,7 +284,11 @@ def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note
     if (variant, seed) in reports:
       say(f"study: {where}: finished earlier ({_short(reports[(variant, seed)])}), skipped")
       continue
-    say(f"study: {where}: training in {directory}")
+    if (variant, seed) in stale:
+      say(f"study: {where}: its report is stale ({stale[(variant, seed)]}); evaluating the "
+          "final checkpoint again")
+    else:
+      say(f"study: {where}: training in {directory}")
     try:
       report = train_fn(run_cfg, directory)
     except UserError as e:  # e.g. a non-finite loss: record it, go on with the others

@@ -49,37 +49,67 @@ def _white_box(report, attack_names):
   return [a for a in attack_names if "/" not in a and a not in transfer]
 
 
-def _worst_case(report, top_level):
-  """Per example (a point counts only if every white-box attack failed on it) where the report
-  has it; reports written before that field existed give the lowest accuracy of any attack."""
-  if "worst_case_accuracy" in report:
-    return report["worst_case_accuracy"]
-  return min(report["robust_accuracy"][a] for a in top_level)
+def _threat_model(report):
+  """What a row's accuracies are measured under: norm, epsilon and evaluated points."""
+  return {"norm": report.get("norm"), "epsilon": report.get("epsilon"),
+          "num_examples": report.get("num_examples")}
 
 
-def summarize(config, variants, seeds, reports, failures, sweeps, note, command, wall_time_s):
+def _shared_white_box(reports):
+  """The white-box attacks (top level, not transfer) that every report of the table holds, in
+  the table's order: the worst case of every run is over this one set."""
+  sets = [set(_white_box(r, r["robust_accuracy"])) for r in reports]
+  shared = set.intersection(*sets) if sets else set()
+  return [a for a in ATTACK_ORDER if a in shared] + sorted(shared - set(ATTACK_ORDER))
+
+
+def _worst_case(report, flags, attacks, per_example):
+  """The run's worst case over `attacks`: per example (a point counts only if every attack
+  failed on it) when every run of the table has its per-example flags, else the lowest of the
+  attacks' accuracies (for every run alike)."""
+  if per_example:
+    robust = flags["clean"].copy()
+    for name in attacks:
+      robust &= flags[name]
+    return float(np.mean(robust))
+  return min(report["robust_accuracy"][a] for a in attacks)
+
+
+def summarize(config, variants, seeds, reports, failures, sweeps, note, command, wall_time_s,
+              examples=None):
+  """The study's summary. `examples`: {(variant, seed): the run's per-example flags
+  (report.read_examples) or None}."""
+  examples = examples or {}
+  finished = [reports[(v, s)] for v in variants for s in seeds if (v, s) in reports]
+  shared = _shared_white_box(finished)
+  per_example = bool(shared) and all(
+      (examples.get((v, s)) or {}).keys() >= {"clean", *shared}
+      for v in variants for s in seeds if (v, s) in reports)
   rows = []
   for variant in variants:
     done = [(s, reports[(variant, s)]) for s in seeds if (variant, s) in reports]
     attack_names = sorted(set.intersection(*[set(r["robust_accuracy"]) for _, r in done])
                           if done else set())
-    top_level = _white_box(done[0][1], attack_names) if done else []
-    worst = [_worst_case(r, top_level) if top_level else None for _, r in done]
+    worst = [_worst_case(r, examples.get((variant, s)), shared, per_example) if shared else None
+             for s, r in done]
     rows.append({
         "label": variant.label, "method": variant.method, "settings": dict(variant.settings),
         "path": variant.path,
+        "threat_model": _threat_model(done[0][1]) if done else None,
         "seeds_finished": [s for s, _ in done],
         "seeds_failed": {str(s): failures[(variant, s)] for s in seeds if (variant, s) in failures},
         "clean_accuracy": _stats([r["clean_accuracy"] for _, r in done]),
         "robust_accuracy": {a: _stats([r["robust_accuracy"][a] for _, r in done])
                             for a in attack_names},
-        "worst_case_accuracy": _stats(worst) if top_level else None,
-        "worst_case_per_example": bool(done) and all("worst_case_accuracy" in r for _, r in done),
+        "worst_case_accuracy": _stats(worst) if shared and done else None,
+        "worst_case_per_example": per_example,
         "robustness_curve": _curve_stats([r.get("robustness_curve") for _, r in done]),
         "runs": [{"seed": s, "workdir": os.path.join(variant.path, f"seed{s}"),
                   "clean_accuracy": r["clean_accuracy"], "robust_accuracy": r["robust_accuracy"],
                   "worst_case_accuracy": w, "steps": r["steps"],
-                  "train_time_s": r["train_time_s"], "eval_time_s": r["eval_time_s"]}
+                  "train_time_s": r["train_time_s"], "eval_time_s": r["eval_time_s"],
+                  "weights_fingerprint": r.get("evaluation", {}).get("weights_fingerprint"),
+                  "config_fingerprint": r.get("evaluation", {}).get("config_fingerprint")}
                  for (s, r), w in zip(done, worst)],
     })
   return {
@@ -87,7 +117,8 @@ def summarize(config, variants, seeds, reports, failures, sweeps, note, command,
       "epsilon": float(config.attack.epsilon), "eval_attacks": config.eval.attacks,
       "num_examples": int(config.eval.num_examples), "seeds": seeds,
       "sweeps": {field: values for field, values in sweeps}, "note": note,
-      "command": command, "wall_time_s": wall_time_s, "rows": rows,
+      "command": command, "wall_time_s": wall_time_s,
+      "worst_case_attacks": shared, "worst_case_per_example": per_example, "rows": rows,
   }
 
 
@@ -116,11 +147,29 @@ def _robust_key(summary):
   return "pgd20"
 
 
-def _reference(summary):
-  for row in summary["rows"]:
-    if row["method"] == REFERENCE_METHOD and not row["settings"] and row["seeds_finished"]:
-      return row
-  return None
+def _reference(summary, row=None):
+  """The reference row (REFERENCE_METHOD) that `row` is compared with: one of the same threat
+  model (norm, epsilon, points), without swept settings if there is one, else with the row's
+  own settings; None if there is none. Without `row`: the plain reference row."""
+  candidates = [r for r in summary["rows"] if r["method"] == REFERENCE_METHOD
+                and r["seeds_finished"]]
+  if row is None:
+    return next((r for r in candidates if not r["settings"]), None)
+  same = [r for r in candidates if r["threat_model"] == row["threat_model"]]
+  return (next((r for r in same if not r["settings"]), None)
+          or next((r for r in same if r["settings"] == row["settings"]), None))
+
+
+def _threat_models_differ(summary):
+  models = {json.dumps(r["threat_model"], sort_keys=True) for r in summary["rows"]
+            if r["threat_model"]}
+  return len(models) > 1
+
+
+def _threat_cell(threat):
+  if not threat:
+    return "—"
+  return f"{threat['norm']} {threat['epsilon']:.4g}, {threat['num_examples']} points"
 
 
 def paired_difference(row, reference, key):
@@ -151,13 +200,15 @@ def _paired_cell(paired):
 
 def to_markdown(summary):
   key = _robust_key(summary)
-  reference = _reference(summary)
+  any_reference = any(_reference(summary, row) is not None for row in summary["rows"])
+  differ = _threat_models_differ(summary)
   heading = dict(COLUMNS)[key]
   examples = ("the whole test split" if summary["num_examples"] < 0
               else f"the first {summary['num_examples']} test examples")
+  title_threat = ("threat model per row" if differ else
+                  f"{summary['norm']} epsilon = {summary['epsilon']:.6g}")
   lines = [
-      f"# Study: {summary['dataset']} ({summary['model']}), {summary['norm']} "
-      f"epsilon = {summary['epsilon']:.6g}",
+      f"# Study: {summary['dataset']} ({summary['model']}), {title_threat}",
       "",
       f"Accuracy in % on {examples}, mean ± sample standard deviation over seeds "
       f"{summary['seeds']}; attacks {summary['eval_attacks']}.",
@@ -167,56 +218,62 @@ def to_markdown(summary):
     lines += [f"Command: `{summary['command']}`", ""]
   if summary["note"]:
     lines += [f"Note: {summary['note']}", ""]
-  if reference is not None:
+  if any_reference:
     lines += [f"Per-seed Δ: the differences to {REFERENCE_METHOD} seed by seed (a seed gives every "
               "method the same initialisation and batch order), their mean ± standard error, and "
-              f"in how many seeds the row is ahead.", ""]
+              "in how many seeds the row is ahead; only between rows of the same threat model "
+              "(norm, epsilon) and evaluation points: '—' where no "
+              f"{REFERENCE_METHOD} row shares the row's.", ""]
   found = {a for r in summary["rows"] for a in r["robust_accuracy"]}
   columns = [(k, h) for k, h in COLUMNS if k is None or k in found or k != "transfer_pgd3"]
   if "transfer_pgd3" in found:
     lines += ["The transfer column is the paper's protocol: PGD-3 (step 3/8 epsilon, no random "
               "start) on the study's standard model, shown to each model; it is black-box and "
               "never enters the worst case.", ""]
-  header = ["method"] + [h for _, h in columns] + ["seeds"]
-  if reference is not None:
+  header = (["method"] + (["threat model"] if differ else []) + [h for _, h in columns]
+            + ["seeds"])
+  if any_reference:
     header.append(f"Δ {heading} vs {REFERENCE_METHOD}")
     header.append("per-seed Δ: mean ± s.e.")
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in summary["rows"]:
-    cells = [row["label"], _pct(row["clean_accuracy"])]
+    reference = _reference(summary, row)
+    cells = [row["label"]] + ([_threat_cell(row["threat_model"])] if differ else [])
+    cells.append(_pct(row["clean_accuracy"]))
     cells += [_pct(row["robust_accuracy"].get(k)) for k, _ in columns[1:]]
     seeds = f"{len(row['seeds_finished'])}/{len(summary['seeds'])}"
     if row["seeds_failed"]:
       seeds += f" ({len(row['seeds_failed'])} failed)"
     cells.append(seeds)
-    if reference is not None:
-      ours, theirs = row["robust_accuracy"].get(key), reference["robust_accuracy"].get(key)
+    if any_reference:
+      ours = row["robust_accuracy"].get(key)
+      theirs = reference["robust_accuracy"].get(key) if reference else None
       cells.append("—" if not ours or not theirs else
                    f"{100 * (ours['mean'] - theirs['mean']):+.1f}")
-      cells.append("—" if row is reference else
+      cells.append("—" if reference is None or row is reference else
                    _paired_cell(paired_difference(row, reference, key)))
     lines.append("| " + " | ".join(cells) + " |")
   attack_names = [a for a in ATTACK_ORDER if a in found] + sorted(found - set(ATTACK_ORDER))
   if attack_names:
-    per_example = [bool(r.get("worst_case_per_example")) for r in summary["rows"]]
-    if all(per_example):
-      worst = "the fraction of points that every attack of the run failed on, per example"
-    elif not any(per_example):
-      worst = "the lowest accuracy of each run over the suite's attacks"
+    shared = ", ".join(summary.get("worst_case_attacks", [])) or "none"
+    if summary.get("worst_case_per_example"):
+      worst = (f"the fraction of points that every attack of {shared} failed on, per example, "
+               "the same attacks for every run")
     else:
-      worst = ("per example for runs whose report has it, else the run's lowest accuracy over "
-               "the suite's attacks")
+      worst = (f"the lowest accuracy of each run over {shared}, the same attacks for every run "
+               "(not every run has its per-example results)")
     header = ["method"] + [f"{a} (transfer)" if a == "transfer_pgd3" else a
                            for a in attack_names] + ["worst case (white-box)"]
-    if reference is not None:
+    if any_reference:
       header.append(f"per-seed Δ worst case vs {REFERENCE_METHOD}")
     lines += ["", f"Every attack (the worst case is {worst}; then averaged over seeds):", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary["rows"]:
+      reference = _reference(summary, row)
       cells = [row["label"]] + [_pct(row["robust_accuracy"].get(a)) for a in attack_names]
       cells.append(_pct(row["worst_case_accuracy"]))
-      if reference is not None:
-        cells.append("—" if row is reference else
+      if any_reference:
+        cells.append("—" if reference is None or row is reference else
                      _paired_cell(paired_difference(row, reference, WORST_CASE)))
       lines.append("| " + " | ".join(cells) + " |")
   for row in summary["rows"]:
