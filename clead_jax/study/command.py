@@ -9,6 +9,15 @@ Trains and evaluates every method x seed (x sweep setting) not yet finished, the
 DIR/study.md, study.json and two plots; see clead_jax/study/runs.py for the layout of DIR. The
 default attacks are FGSM, PGD-20, PGD-100, CW and AutoAttack, plus the paper's transfer attack
 (surrogate: the study's own standard run) when the study trains one.
+
+The same study spread over machines (launch/study_slurm.sh, launch/study_k8s.sh): add to the same
+command line
+  --plan          write DIR/plan.json and print one line per run: index, label, seed, workdir;
+  --run_index=K   train and evaluate run K only (resuming it); a run whose transfer surrogate has
+                  not finished waits --surrogate_wait_s seconds for it, then says so;
+  --collect       write the summary of the runs that have finished, naming the others.
+Each writes only its own run's directory (and plan.json when it is missing), so any number of
+--run_index processes may run at once.
 """
 
 import shlex
@@ -30,6 +39,12 @@ def _define_flags():
   flags.DEFINE_multi_string("sweep", [], "config.field=v1,v2,... (repeat for a grid).")
   flags.DEFINE_string("baselines", "",
                       "Comma-separated methods run without the sweep, as reference rows.")
+  flags.DEFINE_bool("plan", False, "Write DIR/plan.json and print the runs; train nothing.")
+  flags.DEFINE_integer("run_index", None, "Train and evaluate only this run of the plan.")
+  flags.DEFINE_bool("collect", False,
+                    "Write the summary of the finished runs, naming the others; train nothing.")
+  flags.DEFINE_float("surrogate_wait_s", 0.0,
+                     "With --run_index: seconds to wait for the run's transfer surrogate.")
 
 
 def main(argv):
@@ -55,14 +70,34 @@ def main(argv):
       raise UserError("--sweep names a field twice")
     if not ("config.eval.attacks" in values and values["config.eval.attacks"].present):
       config.eval.attacks = runs.default_eval_attacks(methods, baselines)
-    command = shlex.join(["python", "-m", "clead_jax.study"] + sys.argv[1:])
-    summary = runs.run_study(config, values.workdir, methods, values.seeds, sweeps, baselines,
-                             None, command, is_writer=jax.process_index() == 0)
+    modes = [m for m in ("plan", "run_index", "collect") if values[m].value not in (None, False)]
+    if len(modes) > 1:
+      raise UserError(f"--{' and --'.join(modes)}: give at most one of --plan, --run_index, "
+                      "--collect")
+    is_writer = jax.process_index() == 0
+    study = (config, values.workdir, methods, values.seeds, sweeps, baselines)
+    if values.plan:
+      runs.print_plan(*study, is_writer=is_writer)
+      return
+    if values.run_index is not None:
+      runs.run_index(*study[:4], values.run_index, sweeps, baselines, is_writer=is_writer,
+                     surrogate_wait_s=values.surrogate_wait_s)
+      return
+    command = shlex.join(["python", "-m", "clead_jax.study"] + _study_args(sys.argv[1:]))
+    if values.collect:
+      runs.collect(*study, None, command, is_writer=is_writer)
+      return
+    summary = runs.run_study(*study, None, command, is_writer=is_writer)
   failed = sum(len(row["seeds_failed"]) for row in summary["rows"])
   if failed:
     print(f"error: {failed} run(s) failed; see {tables.stem(summary)}.md; the others are "
           "summarised", file=sys.stderr)
     sys.exit(1)
+
+
+def _study_args(argv):
+  """The command line without the flags that choose a mode (--collect): the study's command."""
+  return [a for a in argv if a.split("=", 1)[0] not in ("--collect", "--nocollect")]
 
 
 def run():

@@ -18,7 +18,13 @@ Layout of DIR:
   study.md, study.json, study_robust_vs_clean.png, study_curves.png: the summary; with --sweep
                                    named after the swept fields (study_loss.lam.md, ...).
 A run whose report.json exists is not repeated (its config.json must match, else an error names
-the differing fields); an unfinished one resumes from its checkpoints. The table and the JSON
+the differing fields) if that report is the run's final evaluation: of its last checkpoint (the
+weights' fingerprint checked against it), its training config and the study's examples and threat
+model. Another report (after `evaluate --checkpoint=best` or `--num_examples=100`, or of weights
+since replaced) is named stale in one line and the final checkpoint is evaluated again (the stale
+report is archived, never merged). An unfinished run resumes from its checkpoints. The worst case
+of every run is over the white-box attacks that every run of the table shares; the Δ columns
+compare only rows of the same threat model (norm, ε) and evaluation points. The table and the JSON
 file are rewritten after every run, the plots at the end. Only process 0 prints and writes.
 """
 
@@ -27,6 +33,7 @@ import itertools
 import json
 import os
 import time
+from typing import Any, Optional
 
 from clead_jax import config_checks
 from clead_jax import config_tools
@@ -233,9 +240,125 @@ def _final_weights_reader():
   return final_weights
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a study's plan: its index (as --run_index names it), variant, seed, config and
+  workdir; `needs`: the index of the run whose model is its transfer surrogate, if any."""
+  index: int
+  variant: Variant
+  seed: int
+  config: Any
+  directory: str
+  needs: Optional[int] = None
+
+  @property
+  def key(self):
+    return (self.variant, self.seed)
+
+  @property
+  def label(self):
+    return f"{self.variant.label} seed {self.seed}"
+
+
+def plan(config, workdir, methods, num_seeds, sweeps=(), baselines=()):
+  """(variants, seeds, runs) of a study; every run's config is checked before any work."""
+  seeds = [config.seed + k for k in range(num_seeds)]
+  variants = make_variants(config, methods, sweeps, baselines)
+  # The surrogate of the transfer attack trains before the runs that use it.
+  variants.sort(key=lambda v: v.method != SURROGATE_METHOD or bool(v.overrides))
+  pairs = [(v, s, run_config(config, v, s, workdir)) for v in variants for s in seeds]
+  for _, _, run_cfg in pairs:  # every config error before any work
+    config_checks.validate(run_cfg)
+  index_of = {run_dir(workdir, v, s): i for i, (v, s, _) in enumerate(pairs)}
+  runs = [Run(i, v, s, c, run_dir(workdir, v, s), index_of.get(c.eval.surrogate or None))
+          for i, (v, s, c) in enumerate(pairs)]
+  return variants, seeds, runs
+
+
+PLAN = "plan.json"
+
+
+def plan_dict(workdir, runs):
+  """What DIR/plan.json holds: one entry per run, and a fingerprint of every run's config, by
+  which a later --run_index or --collect knows it belongs to the same study."""
+  entries = [{"index": r.index, "label": r.label, "method": r.variant.method, "seed": r.seed,
+              "settings": dict(r.variant.settings),
+              "workdir": os.path.relpath(r.directory, workdir), "needs": r.needs}
+             for r in runs]
+  configs = [provenance.config_fingerprint(r.config) + r.config.eval.attacks
+             + str(r.config.eval.num_examples) for r in runs]
+  return {"runs": entries, "study_fingerprint": provenance.config_fingerprint(
+      {"runs": configs})}
+
+
+def write_plan(workdir, runs, is_writer=True):
+  """Writes DIR/plan.json, or checks that the one there is of this study; returns the plan."""
+  wanted = plan_dict(workdir, runs)
+  path = os.path.join(workdir, PLAN)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        existing = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f"{path} cannot be read ({e}); remove it to write the plan again") from None
+    if existing != wanted:
+      raise UserError(f"{path} is the plan of another study (other methods, seeds, sweeps or "
+                      "config); use the same study command, or another --workdir")
+    return wanted
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    config_tools.atomic_write(path, json.dumps(wanted, indent=2) + "\n")
+  return wanted
+
+
+def read_finished(runs, final_weights=None):
+  """(reports, stale) of the runs that finished earlier: {key: report} of those whose report is
+  their final evaluation, {key: why} of those whose report is not (see stale_because)."""
+  # Runs that finished earlier are read first, so a changed config stops the study before any work.
+  reports = {r.key: finished_report(r.directory, r.config) for r in runs}
+  reports = {k: v for k, v in reports.items() if v is not None}
+  final_weights = final_weights or _final_weights_reader()
+  stale = {}
+  for run in runs:
+    if run.key in reports:
+      why = stale_because(reports[run.key], run.config,
+                          lambda r=run: final_weights(r.directory, r.config))
+      if why:
+        stale[run.key] = why
+        del reports[run.key]
+  return reports, stale
+
+
+def _summary_writer(config, workdir, variants, seeds, runs, sweeps, note, command, is_writer,
+                    start):
+  """refresh(reports, failures, plots) -> the summary, written to DIR when `is_writer`."""
+  def refresh(reports, failures, plots):
+    examples = {r.key: report_lib.read_examples(r.directory) for r in runs if r.key in reports}
+    missing = [r.label for r in runs if r.key not in reports and r.key not in failures]
+    summary = tables.summarize(config, variants, seeds, reports, failures, sweeps, note, command,
+                               time.time() - start, examples, missing)
+    if is_writer:
+      tables.write_study(workdir, summary, plots)
+    return summary
+  return refresh
+
+
+def _train_one(run, where, train_fn, say, stale):
+  """Trains and evaluates one run (or evaluates it again when `stale` says why); returns its
+  report. A UserError (a non-finite loss, ...) and a stop propagate."""
+  if stale:
+    say(f"study: {where}: its report is stale ({stale}); evaluating the final checkpoint again")
+  else:
+    say(f"study: {where}: training in {run.directory}")
+  report = train_fn(run.config, run.directory)
+  say(f"study: {where}: done ({_short(report)})")
+  return report
+
+
 def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note=None,
               command=None, train_fn=None, is_writer=True, final_weights=None):
-  """Trains and evaluates every run not yet finished; writes and returns the summary.
+  """Trains and evaluates every run not yet finished, one after another; writes and returns the
+  summary.
 
   final_weights(directory, config) -> (fingerprint, step) of a run's latest checkpoint (default:
   restored from it), with which a finished run's report is checked (`stale_because`).
@@ -246,56 +369,24 @@ def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note
   train_fn = train_fn or train.train_and_evaluate
   say = (lambda text: print(text, flush=True)) if is_writer else (lambda text: None)
   start = time.time()
-  seeds = [config.seed + k for k in range(num_seeds)]
-  variants = make_variants(config, methods, sweeps, baselines)
-  # The surrogate of the transfer attack trains before the runs that use it.
-  variants.sort(key=lambda v: v.method != SURROGATE_METHOD or bool(v.overrides))
-  runs = [(v, s, run_config(config, v, s, workdir), run_dir(workdir, v, s))
-          for v in variants for s in seeds]
-  for _, _, run_cfg, _ in runs:  # every config error before any work
-    config_checks.validate(run_cfg)
-  # Runs that finished earlier are read first, so a changed config stops the study before any work.
-  reports = {(v, s): finished_report(d, c) for v, s, c, d in runs}
-  reports = {k: r for k, r in reports.items() if r is not None}
-  # A finished run counts only if its report is of its final checkpoint, its config and the
-  # study's examples; a stale one is evaluated again (its report is archived, never merged).
-  final_weights = final_weights or _final_weights_reader()
-  stale = {}
-  for variant, seed, run_cfg, directory in runs:
-    if (variant, seed) in reports:
-      why = stale_because(reports[(variant, seed)], run_cfg,
-                          lambda d=directory, c=run_cfg: final_weights(d, c))
-      if why:
-        stale[(variant, seed)] = why
-        del reports[(variant, seed)]
+  variants, seeds, runs = plan(config, workdir, methods, num_seeds, sweeps, baselines)
+  reports, stale = read_finished(runs, final_weights)
   failures = {}
-
-  def refresh(plots):
-    examples = {(v, s): report_lib.read_examples(d) for v, s, _, d in runs if (v, s) in reports}
-    summary = tables.summarize(config, variants, seeds, reports, failures, sweeps, note, command,
-                               time.time() - start, examples)
-    if is_writer:
-      tables.write_study(workdir, summary, plots)
-    return summary
-
+  refresh = _summary_writer(config, workdir, variants, seeds, runs, sweeps, note, command,
+                            is_writer, start)
   say(f"study: {len(runs)} runs, {len(reports)} finished earlier; writing {workdir}")
-  for index, (variant, seed, run_cfg, directory) in enumerate(runs, 1):
-    where = f"[{index}/{len(runs)}] {variant.label} seed {seed}"
-    if (variant, seed) in reports:
-      say(f"study: {where}: finished earlier ({_short(reports[(variant, seed)])}), skipped")
+  for run in runs:
+    where = f"[{run.index + 1}/{len(runs)}] {run.label}"
+    if run.key in reports:
+      say(f"study: {where}: finished earlier ({_short(reports[run.key])}), skipped")
       continue
-    if (variant, seed) in stale:
-      say(f"study: {where}: its report is stale ({stale[(variant, seed)]}); evaluating the "
-          "final checkpoint again")
-    else:
-      say(f"study: {where}: training in {directory}")
     try:
-      report = train_fn(run_cfg, directory)
+      reports[run.key] = _train_one(run, where, train_fn, say, stale.get(run.key))
     except UserError as e:  # e.g. a non-finite loss: record it, go on with the others
-      failures[(variant, seed)] = str(e)
+      failures[run.key] = str(e)
       say(f"study: {where}: FAILED: {e}")
     except stopping.Stopped as stopped:
-      refresh(plots=False)
+      refresh(reports, failures, plots=False)
       this_run = stopped.what_was_kept.split("; run the same command")[0]
       stopped.what_was_kept = (f"study run {where}: {this_run}; the {len(reports)} finished "
                                f"runs are summarised in {tables.stem_path(workdir, sweeps)}.md; "
@@ -303,12 +394,79 @@ def run_study(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note
       # Finished runs were kept: the study's exit is 0 even when this run had not started.
       stopped.nothing_ran = stopped.nothing_ran and not reports
       raise
-    else:
-      reports[(variant, seed)] = report
-      say(f"study: {where}: done ({_short(report)})")
-    refresh(plots=False)  # the table after every run; the plots once, at the end
-  summary = refresh(plots=True)
+    refresh(reports, failures, plots=False)  # the table after every run; the plots at the end
+  summary = refresh(reports, failures, plots=True)
   say(f"study: wrote {os.path.join(workdir, tables.stem(summary))}.md")
+  return summary
+
+
+# --- a study spread over a scheduler: the plan, one run, the collection -------------------------
+
+def print_plan(config, workdir, methods, num_seeds, sweeps=(), baselines=(), is_writer=True):
+  """Writes DIR/plan.json and prints one line per run; returns the plan."""
+  _, _, runs = plan(config, workdir, methods, num_seeds, sweeps, baselines)
+  written = write_plan(workdir, runs, is_writer)
+  if is_writer:
+    for entry in written["runs"]:
+      needs = ("" if entry["needs"] is None
+               else f"\tafter run {entry['needs']} (its transfer surrogate)")
+      print(f"{entry['index']}\t{entry['label']}\tseed {entry['seed']}\t{entry['workdir']}{needs}",
+            flush=True)
+  return written
+
+
+SURROGATE_POLL_S = 10.0
+
+
+def run_index(config, workdir, methods, num_seeds, index, sweeps=(), baselines=(),
+              train_fn=None, is_writer=True, final_weights=None, surrogate_wait_s=0.0):
+  """Trains and evaluates run `index` of the plan only (resuming it; nothing if it is finished);
+  returns its report. Writes nothing shared but DIR/plan.json when it is not there yet. A run
+  whose transfer surrogate (another run of the plan) has not finished waits for it up to
+  `surrogate_wait_s`, then says so (UserError)."""
+  train_fn = train_fn or train.train_and_evaluate
+  say = (lambda text: print(text, flush=True)) if is_writer else (lambda text: None)
+  _, _, runs = plan(config, workdir, methods, num_seeds, sweeps, baselines)
+  if not 0 <= index < len(runs):
+    raise UserError(f"--run_index={index}: the study has runs 0 to {len(runs) - 1} (see --plan)")
+  write_plan(workdir, runs, is_writer)
+  run = runs[index]
+  where = f"[run {index} of 0-{len(runs) - 1}] {run.label}"
+  if run.needs is not None:
+    surrogate = runs[run.needs]
+    deadline = time.time() + surrogate_wait_s
+    while not read_finished([surrogate], final_weights)[0]:
+      if time.time() >= deadline:
+        raise UserError(
+            f"--run_index={index} ({run.label}) needs its transfer surrogate, run {run.needs} "
+            f"({surrogate.label}), which has not finished; run --run_index={run.needs} first "
+            "(launch/study_slurm.sh submits it first) or wait for it with --surrogate_wait_s")
+      say(f"study: {where}: waiting for its surrogate, run {run.needs} ({surrogate.label})")
+      time.sleep(min(SURROGATE_POLL_S, max(0.0, deadline - time.time())))
+  reports, stale = read_finished([run], final_weights)
+  if run.key in reports:
+    say(f"study: {where}: finished earlier ({_short(reports[run.key])}); nothing to do")
+    return reports[run.key]
+  return _train_one(run, where, train_fn, say, stale.get(run.key))
+
+
+def collect(config, workdir, methods, num_seeds, sweeps=(), baselines=(), note=None,
+            command=None, is_writer=True, final_weights=None):
+  """Writes the summary (table, JSON, plots) of the runs that have finished, listing the others;
+  trains nothing. Returns the summary."""
+  say = (lambda text: print(text, flush=True)) if is_writer else (lambda text: None)
+  variants, seeds, runs = plan(config, workdir, methods, num_seeds, sweeps, baselines)
+  write_plan(workdir, runs, is_writer)
+  reports, stale = read_finished(runs, final_weights)
+  refresh = _summary_writer(config, workdir, variants, seeds, runs, sweeps, note, command,
+                            is_writer, time.time())
+  summary = refresh(reports, {}, plots=True)
+  for run in runs:
+    if run.key not in reports:
+      why = f"its report is stale: {stale[run.key]}" if run.key in stale else "not finished"
+      say(f"study: run {run.index} ({run.label}): {why}")
+  say(f"study: {len(reports)} of {len(runs)} runs finished; wrote "
+      f"{os.path.join(workdir, tables.stem(summary))}.md")
   return summary
 
 

@@ -76,9 +76,9 @@ def _worst_case(report, flags, attacks, per_example):
 
 
 def summarize(config, variants, seeds, reports, failures, sweeps, note, command, wall_time_s,
-              examples=None):
+              examples=None, missing=()):
   """The study's summary. `examples`: {(variant, seed): the run's per-example flags
-  (report.read_examples) or None}."""
+  (report.read_examples) or None}; `missing`: labels of the runs not finished (nor failed)."""
   examples = examples or {}
   finished = [reports[(v, s)] for v in variants for s in seeds if (v, s) in reports]
   shared = _shared_white_box(finished)
@@ -118,7 +118,8 @@ def summarize(config, variants, seeds, reports, failures, sweeps, note, command,
       "num_examples": int(config.eval.num_examples), "seeds": seeds,
       "sweeps": {field: values for field, values in sweeps}, "note": note,
       "command": command, "wall_time_s": wall_time_s,
-      "worst_case_attacks": shared, "worst_case_per_example": per_example, "rows": rows,
+      "worst_case_attacks": shared, "worst_case_per_example": per_example,
+      "missing_runs": list(missing), "rows": rows,
   }
 
 
@@ -279,6 +280,8 @@ def to_markdown(summary):
   for row in summary["rows"]:
     for seed, error in row["seeds_failed"].items():
       lines += ["", f"FAILED: {row['label']} seed {seed}: {error}"]
+  if summary.get("missing_runs"):
+    lines += ["", "Not finished (not in the table): " + ", ".join(summary["missing_runs"]) + "."]
   run_time = sum(run["train_time_s"] + run["eval_time_s"] for r in summary["rows"]
                  for run in r["runs"])
   lines += ["", f"Plots: {stem(summary)}_robust_vs_clean.png, {stem(summary)}_curves.png. "
