@@ -162,6 +162,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 # A GPU machine's python3, played: see tests/test_gpu_session.py.
 real=%(real)s
 echo "$*" >> "$FAKE_LOG"
+call="$*"  # the whole command line, for FAKE_HANG (the argument loop below consumes "$@")
 if [[ $1 == -c && $2 == *importlib.util* ]]; then  # the session's preflight: json, text, modules
   exec "$real" - "$3" "$4" "$5" <<'EOF'
 import json, os, sys
@@ -186,7 +187,7 @@ while (( $# )); do
   case $1 in --json) json=$2 ;; --workdir) workdir=$2 ;; esac
   shift
 done
-if [[ -n ${FAKE_HANG:-} && "$FAKE_CALL" == *$FAKE_HANG* ]]; then
+if [[ -n ${FAKE_HANG:-} && $call == *$FAKE_HANG* ]]; then
   if [[ -n $workdir ]]; then  # a study that had finished one run when it was stopped
     mkdir -p "$workdir"
     echo "| standard | fake |" > "$workdir/study.md"
@@ -207,13 +208,10 @@ fi
 
 @pytest.fixture
 def fake_gpu(tmp_path):
-  """(env, run): env runs the script with the stand-in interpreter; run(**env) runs it to the
-  end and returns (process, rows, calls)."""
+  """(env, run, out): env runs the script with the stand-in interpreter; run(**more_env) runs
+  it to the end and returns (process, rows, calls)."""
   path = tmp_path / "python3"
-  # FAKE_CALL: the whole command line, for FAKE_HANG (the argument loop consumes "$@").
-  path.write_text(FAKE_PYTHON.replace('echo "$*" >> "$FAKE_LOG"',
-                                      'echo "$*" >> "$FAKE_LOG"; FAKE_CALL="$*"')
-                  % {"real": shlex.quote(sys.executable)})
+  path.write_text(FAKE_PYTHON % {"real": shlex.quote(sys.executable)})
   path.chmod(0o755)
   env = dict(os.environ, PYTHON=str(path), WORK_DIR=str(tmp_path / "work"),
              DEPS_DIR=str(tmp_path / "no_deps"), IDX_DIR=str(tmp_path / "idx"),
