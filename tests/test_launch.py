@@ -17,7 +17,8 @@ from tests.conftest import REPO
 
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gke.sh",
            "launch/gpu_bench.sh", "launch/gpu_cifar10_short.sh", "launch/gpu_fashion_mnist.sh",
-           "launch/dry_run.sh"]
+           "launch/dry_run.sh", "launch/study_slurm.sh", "launch/gke_study.sh",
+           "launch/gpu_session.sh"]
 MAIN_ARGS = ["--config", "configs/cifar10.py", "--workdir", "/shared/runs/a b",
              "--config.eval.attacks=pgd20,cw", "--config.train.init_from=it's"]
 
