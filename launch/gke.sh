@@ -33,29 +33,14 @@ usage() {
   exit 2
 }
 
-# run CMD...: prints the command, then runs it unless DRY_RUN=1.
+# run CMD... (print, then run unless DRY_RUN=1), yaml_list, fill.
 source "$(dirname "$0")/dry_run.sh"
 
-# The main arguments as a YAML flow sequence of double-quoted strings.
-yaml_list() {
-  local out="" arg
-  for arg in "$@"; do
-    arg=${arg//\\/\\\\}
-    arg=${arg//\"/\\\"}
-    out+="${out:+, }\"$arg\""
-  done
-  echo "[$out]"
-}
-
 render() {
-  local manifest name
-  manifest=$(<"$template")
   export MAIN_ARGS
   MAIN_ARGS=$(yaml_list "$@")
-  for name in JOB_NAME NUM_PROCESSES GPUS_PER_POD ACCELERATOR SERVICE_ACCOUNT IMAGE BUCKET MAIN_ARGS; do
-    manifest=${manifest//"\${$name}"/"${!name}"}
-  done
-  echo "$manifest"
+  fill "$template" JOB_NAME NUM_PROCESSES GPUS_PER_POD ACCELERATOR SERVICE_ACCOUNT IMAGE BUCKET \
+    MAIN_ARGS
 }
 
 [[ $# -ge 1 ]] || usage

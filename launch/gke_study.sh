@@ -37,19 +37,8 @@ usage() {
   exit 2
 }
 
-# run CMD...: prints the command, then runs it unless DRY_RUN=1.
+# run CMD... (print, then run unless DRY_RUN=1), yaml_list, fill.
 source "$here/dry_run.sh"
-
-# The arguments as a YAML flow sequence of double-quoted strings.
-yaml_list() {
-  local out="" arg
-  for arg in "$@"; do
-    arg=${arg//\\/\\\\}
-    arg=${arg//\"/\\\"}
-    out+="${out:+, }\"$arg\""
-  done
-  echo "[$out]"
-}
 
 # The study's run count: its plan, made in a temporary directory.
 count_runs() {
@@ -74,18 +63,12 @@ count_runs() {
   rm -rf "$plan_dir"
 }
 
-# render TEMPLATE ARGS...: the manifest with every ${NAME} filled in.
+# render ARGS...: the manifest for a study with these arguments.
 render() {
-  local manifest name
-  manifest=$(<"$1")
-  shift
   export STUDY_ARGS
   STUDY_ARGS=$(yaml_list "$@")
-  for name in JOB_NAME NUM_RUNS PARALLELISM GPUS_PER_POD ACCELERATOR SERVICE_ACCOUNT IMAGE BUCKET \
-              STUDY_ARGS; do
-    manifest=${manifest//"\${$name}"/"${!name}"}
-  done
-  echo "$manifest"
+  fill "$here/gke_study.yaml" JOB_NAME NUM_RUNS PARALLELISM GPUS_PER_POD ACCELERATOR \
+    SERVICE_ACCOUNT IMAGE BUCKET STUDY_ARGS
 }
 
 apply() {
@@ -115,12 +98,12 @@ case "$action" in
       export NUM_RUNS
       NUM_RUNS=$(count_runs "$@")
       export PARALLELISM=${PARALLELISM:-$NUM_RUNS}
-      apply "$(render "$here/gke_study.yaml" "$@" \
+      apply "$(render "$@" \
         '--run_index=$(JOB_COMPLETION_INDEX)' "--surrogate_wait_s=${SURROGATE_WAIT_S:-86400}")"
     else
       export NUM_RUNS=1 PARALLELISM=1
       JOB_NAME="$JOB_NAME-collect" apply "$(JOB_NAME="$JOB_NAME-collect" \
-        render "$here/gke_study.yaml" "$@" --collect)"
+        render "$@" --collect)"
     fi
     ;;
   logs)

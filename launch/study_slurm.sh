@@ -38,6 +38,8 @@ if [[ -n "${VENV:-}" ]]; then
   # shellcheck disable=SC1091
   source "$VENV/bin/activate"
 fi
+# show CMD...: prints a command after "+ ", quoted so that it can be pasted.
+source "$(dirname "$0")/dry_run.sh"
 python="${PYTHON:-python3}"
 workdir=""
 previous=""
@@ -82,18 +84,6 @@ if [[ "${GPUS_PER_TASK:-1}" != 0 ]]; then
   resources+=(--gpus-per-task="${GPUS_PER_TASK:-1}")
 fi
 
-show() {
-  local line="+" arg
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      line+=" $arg"
-    else
-      line+=" '${arg//\'/\'\\\'\'}'"
-    fi
-  done
-  echo "$line" >&2
-}
-
 # submit NAME DEPENDENCY ARRAY COMMAND: prints the job id (a stand-in one in a dry run).
 submit() {
   local name="$1" dependency="$2" array="$3" command="$4"
@@ -105,7 +95,7 @@ submit() {
     args+=(--output="$workdir/slurm/%x-%j.out")
   fi
   args+=(--wrap="cd $(printf '%q' "$PWD") && ${activate}$command")
-  show "${args[@]}"
+  show "${args[@]}" >&2
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     echo "<$name>"
   else
