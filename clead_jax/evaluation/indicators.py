@@ -325,21 +325,21 @@ def _fired(block, robust_accuracy):
                     "count": value["fooled"],
                     "message": f"Square beats white-box ({attack}: {value['fooled']} of "
                                f"{value['of']} points): {ADVICE['square_beats_white_box']}."})
-  # Why AutoAttack may read lower than the attacks whose indicators fired: name its APGD stages
-  # that tripped nothing (Square and FAB have no trace; Square's own check is above).
-  broken = sorted({f["attack"] for f in fired if f["attack"] in TRACED_ATTACKS})
-  tripped = {f["attack"] for f in fired}
-  for attack in broken:
+  # Why AutoAttack may read lower than an attack whose indicators fired: name its APGD stages
+  # that tripped none of that attack's indicators (Square and FAB have no trace; Square's own
+  # check is above).
+  for attack in sorted({f["attack"] for f in fired if f["attack"] in TRACED_ATTACKS}):
+    failures = {f["indicator"] for f in fired if f["attack"] == attack}
     for autoattack in (a for a in versions.ATTACK_NAMES if a in robust_accuracy):
-      sound = [key.split("/")[1] for key in block["attacks"]
-               if key.startswith(autoattack + "/") and key not in tripped]
+      sound = [key.split("/")[1] for key in block["attacks"] if key.startswith(autoattack + "/")
+               and not any(f["attack"] == key and f["indicator"] in failures for f in fired)]
       if sound and robust_accuracy.get(attack, 0.0) > robust_accuracy[autoattack]:
         fired.append({"indicator": "why", "attack": attack,
                       "message": f"{attack} reads {robust_accuracy[attack]:.4f} but {autoattack} "
-                                 f"{robust_accuracy[autoattack]:.4f}: the indicators above show "
-                                 f"{attack} failing to optimise, while {autoattack}'s "
-                                 f"{', '.join(sound)} tripped none (the DLR loss does not "
-                                 "saturate with the scale of the logits, and Square needs no "
+                                 f"{robust_accuracy[autoattack]:.4f}: {attack} tripped "
+                                 f"{', '.join(sorted(failures)).replace('_', ' ')} above, and "
+                                 f"{autoattack}'s {', '.join(sound)} did not (the DLR loss does "
+                                 "not saturate with the scale of the logits, and Square needs no "
                                  f"gradient): {autoattack}'s number is the one to trust."})
   return fired
 
