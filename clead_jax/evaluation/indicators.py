@@ -8,8 +8,8 @@ with one sentence on what it means and what to do (report.md prints that list).
 
 Per attack, for PGD-20, PGD-100 and CW (the same iterates as the evaluation: the same start
 keys, read through the attack's trace) and for each APGD stage of every AutoAttack version in the
-report (each stage's runs on every sampled point, with the Runner's keys), counted over the
-sampled points the model classifies correctly:
+report (each stage's runs, with the Runner's keys, on the sampled points every earlier stage left
+robust: the points the stage attacked), counted over the points the model classifies correctly:
   silent_success: an iterate was misclassified, but the point the attack returned is not (the
     model answers differently when asked twice, or the attack returns the wrong iterate).
   incomplete_optimisation: on a point the attack failed on, the best loss so far still rose,
@@ -19,9 +19,9 @@ sampled points the model classifies correctly:
     the report already holds the longer run (CONTINUED_BY).
   unavailable_gradients: the input gradient of the attack's loss at its start is all zero or
     not finite (a non-differentiable or saturated model).
-  unconstrained_attack_failure: the same attack with an epsilon that spans the whole box
-    (L-inf 1, L2 the box's diagonal) still does not fool the point. Must be 0: a classifier
-    that is not constant can be fooled by some image.
+  unconstrained_attack_failure: the same attack (its first run) with an epsilon that spans the
+    whole box (L-inf 1, L2 the box's diagonal) still does not fool the point. Must be 0: a
+    classifier that is not constant can be fooled by some image.
 For the model, on the sampled points:
   unstable_predictions: the mean relative change of the cross-entropy under UNSTABLE_DRAWS
     uniform perturbations in [-r/2, r/2] per input value (L2: in the ball of radius r/2), with
@@ -137,7 +137,8 @@ def _predicts(apply_fn, variables, x, labels):
 
 
 def _pgd_fn(apply_fn, attack, norm, seed):
-  def fn(variables, images, labels, indices, epsilon):
+  def fn(variables, images, labels, indices, epsilon, runs):
+    del runs  # one run
     x = input_pipeline.to_float(images)
     keys = perturbation.example_keys(seed, indices)
     x_adv, trace = attack(apply_fn, variables, x, labels, keys, epsilon=epsilon, norm=norm,
@@ -148,9 +149,9 @@ def _pgd_fn(apply_fn, attack, norm, seed):
 
 
 def _apgd_fn(apply_fn, version, index, num_classes, norm, seed, settings):
-  """Every run of APGD stage `index` on every point, with the Runner's keys: flags that hold
-  for some run (robust: for every run)."""
-  def fn(variables, images, labels, indices, epsilon):
+  """The first `runs` runs of APGD stage `index`, with the Runner's keys: flags that hold for
+  some run (robust: for every run)."""
+  def fn(variables, images, labels, indices, epsilon, runs):
     x = input_pipeline.to_float(images)
     clean_ok = _predicts(apply_fn, variables, x, labels)
     keys, _ = perturbation.split_keys(perturbation.example_keys(seed, indices), 2)
@@ -165,7 +166,7 @@ def _apgd_fn(apply_fn, version, index, num_classes, norm, seed, settings):
 
     start = jnp.concatenate([jnp.stack([clean_ok, clean_ok], -1),
                              jnp.zeros((x.shape[0], len(_COLUMNS) - 2), bool)], -1)
-    flags = jax.lax.fori_loop(0, stage.num_runs, body, start)
+    flags = jax.lax.fori_loop(0, jnp.minimum(runs, stage.num_runs), body, start)
     # A failing run still improving counts only where no run fooled the point.
     return flags.at[:, 3].set(flags[:, 3] & flags[:, 1])
   return fn
@@ -214,16 +215,23 @@ def _compiled(evaluator, key, build, num_args):
   return cache[("indicators",) + key]
 
 
-def _map(evaluator, fn, variables, images, labels, *args):
+def _map(evaluator, fn, variables, images, labels, *args, indices=None):
   return sharded.map_examples(evaluator.mesh, evaluator.batch_size,
                               functools.partial(fn, variables), images, labels,
-                              np.arange(len(labels)), *args)
+                              np.arange(len(labels)) if indices is None else indices, *args)
 
 
-def _attack_indicators(evaluator, fn, variables, images, labels, epsilon, big_epsilon):
-  flags = _map(evaluator, fn, variables, images, labels, jnp.float32(epsilon)).astype(bool)
-  unbounded = _map(evaluator, fn, variables, images, labels,
-                   jnp.float32(big_epsilon)).astype(bool)
+def _attack_indicators(evaluator, fn, variables, images, labels, indices, epsilon, big_epsilon,
+                       num_runs=1):
+  """The counts of one attack on the points `indices`: all its runs at epsilon; its first run
+  at big_epsilon (one run of an unbounded attack suffices to fool any point)."""
+  if not len(indices):
+    flags = unbounded = np.zeros((0, len(_COLUMNS)), bool)
+  else:
+    flags = _map(evaluator, fn, variables, images, labels, jnp.float32(epsilon),
+                 jnp.int32(num_runs), indices=indices).astype(bool)
+    unbounded = _map(evaluator, fn, variables, images, labels, jnp.float32(big_epsilon),
+                     jnp.int32(1), indices=indices).astype(bool)
   correct = flags[:, 0]
   return {"points": int(correct.sum()),
           "silent_success": int(flags[:, 2].sum()),
@@ -360,9 +368,9 @@ def compute(evaluator, variables, images, labels, *, epsilon, report, sample=SAM
   for name in TRACED_ATTACKS:
     if name in robust_accuracy:
       fn = _compiled(evaluator, ("pgd", name), lambda name=name: _pgd_fn(
-          evaluator.apply, attacks.EVAL_ATTACKS[name], evaluator.norm, evaluator.seed), 1)
+          evaluator.apply, attacks.EVAL_ATTACKS[name], evaluator.norm, evaluator.seed), 2)
       block["attacks"][name] = _attack_indicators(evaluator, fn, variables, images, labels,
-                                                  epsilon, big_epsilon)
+                                                  np.arange(n), epsilon, big_epsilon)
   num_classes = common.num_classes_of(evaluator.apply, variables,
                                       input_pipeline.to_float(jnp.asarray(images[:1])))
   for name, version in versions.ATTACK_NAMES.items():
@@ -372,14 +380,18 @@ def compute(evaluator, variables, images, labels, *, epsilon, report, sample=SAM
     stage_list = versions.stages(version, num_classes, epsilon=float(epsilon),
                                  norm=evaluator.norm, **settings)
     for index, stage in enumerate(stage_list):
-      if stage.traced_run is None:
+      # The points the stage attacked: those every earlier stage left robust.
+      before = (report.flags.get(f"{name}/{stage_list[index - 1].name}") if index
+                else report.flags.get("clean"))
+      if stage.traced_run is None or before is None:
         continue
       key = ("apgd", version, index, num_classes, tuple(sorted(settings.items())))
       fn = _compiled(evaluator, key, lambda index=index, version=version, settings=settings: (
           _apgd_fn(evaluator.apply, version, index, num_classes, evaluator.norm, evaluator.seed,
-                   settings)), 1)
+                   settings)), 2)
       block["attacks"][f"{name}/{stage.name}"] = _attack_indicators(
-          evaluator, fn, variables, images, labels, epsilon, big_epsilon)
+          evaluator, fn, variables, images, labels, np.flatnonzero(before[:n]), epsilon,
+          big_epsilon, stage.num_runs)
   for name, longer in CONTINUED_BY.items():
     if name in block["attacks"] and longer in block["attacks"]:
       if not block["attacks"][longer]["incomplete_optimisation"]:
