@@ -39,38 +39,69 @@ def margin_objective(logits, embedding, labels):
 
 
 def pgd(apply_fn: Callable, variables, x, y, key, *, epsilon, step_size, steps, norm="linf",
-        init="uniform", objective: Callable = ce_objective, keep_misclassified=False, unroll=1):
+        init="uniform", objective: Callable = ce_objective, keep_misclassified=False, unroll=1,
+        trace=False):
   """Projected gradient ascent (Madry et al. 2018) on `objective`.
 
   With keep_misclassified, an example keeps the first iterate that the model misclassified, so
   more steps can never make the attack weaker (used in evaluation). `unroll` is the fori_loop's
-  unroll factor (1: one compiled body; `steps`: no loop at all).
+  unroll factor (1: one compiled body; `steps`: no loop at all). With trace, returns
+  (x_adv, perturbation.Trace) over the steps' iterates and the last one (evaluation objectives
+  only: the trace needs the objective of each example alone).
   """
   perturbation.check_norm(norm)
 
-  def loss_and_logits(x_adv):
+  def loss_and_outputs(x_adv):
     logits, embedding = apply_fn(variables, x_adv)
-    return objective(logits, embedding, y), logits
+    return objective(logits, embedding, y), (logits, embedding)
 
-  grad_fn = jax.grad(loss_and_logits, has_aux=True)
+  grad_fn = jax.grad(loss_and_outputs, has_aux=True)
 
-  def body(_, carry):
-    x_adv, x_best, fooled = carry
-    grad, logits = grad_fn(x_adv)
+  def body(i, carry):
+    x_adv, x_best, fooled, record = carry
+    grad, (logits, embedding) = grad_fn(x_adv)
     if keep_misclassified:
       newly = (jnp.argmax(logits, axis=-1) != y) & ~fooled
       x_best = jnp.where(expand(newly, x_adv), x_adv, x_best)
       fooled = fooled | newly
+    if trace:
+      record = _record_step(record, i, per_example_objective(objective, logits, embedding, y),
+                            jnp.argmax(logits, axis=-1) != y, grad)
     x_adv = project(perturbation.ascent_step(x_adv, grad, step_size, norm), x, epsilon, norm)
-    return x_adv, x_best, fooled
+    return x_adv, x_best, fooled, record
 
   x_start = project(perturbation.random_init(key, x, epsilon, norm, init), x, epsilon, norm)
   fooled = jnp.zeros(x.shape[0], dtype=bool)
-  x_adv, x_best, fooled = jax.lax.fori_loop(0, steps, body, (x_start, x_start, fooled),
-                                            unroll=min(unroll, steps))
+  record = None
+  if trace:
+    record = perturbation.Trace(jnp.zeros((steps + 1, x.shape[0]), x.dtype), fooled, fooled, fooled)
+  x_adv, x_best, fooled, record = jax.lax.fori_loop(
+      0, steps, body, (x_start, x_start, fooled, record), unroll=min(unroll, steps))
+  if trace:  # the last iterate, which no step looked at
+    logits, embedding = apply_fn(variables, x_adv)
+    record = _record_step(record, steps, per_example_objective(objective, logits, embedding, y),
+                          jnp.argmax(logits, axis=-1) != y, None)
   if keep_misclassified:
     x_adv = jnp.where(expand(fooled, x_adv), x_best, x_adv)
-  return jax.lax.stop_gradient(x_adv)
+  x_adv = jax.lax.stop_gradient(x_adv)
+  return (x_adv, jax.lax.stop_gradient(record)) if trace else x_adv
+
+
+def per_example_objective(objective, logits, embedding, labels):
+  """The objective of each example alone (the evaluation objectives are sums over examples)."""
+  return jax.vmap(lambda z, e, t: objective(z[None], None if e is None else e[None], t[None]))(
+      logits, embedding, labels)
+
+
+def _record_step(record, i, losses, misclassified, grad):
+  """The trace after iterate i (grad: the gradient taken there, None for the last iterate)."""
+  zero, non_finite = record.start_gradient_zero, record.start_gradient_non_finite
+  if grad is not None:
+    zero_now, non_finite_now = perturbation.gradient_flags(grad)
+    zero, non_finite = jnp.where(i == 0, zero_now, zero), jnp.where(i == 0, non_finite_now,
+                                                                     non_finite)
+  return perturbation.Trace(record.losses.at[i].set(losses),
+                            record.misclassified | misclassified, zero, non_finite)
 
 
 def fgsm(apply_fn, variables, x, y, key, *, epsilon, norm="linf", objective=ce_objective,
@@ -111,10 +142,10 @@ TRAIN_ATTACKS = {
 
 def _strong_pgd(steps, step_divisor, objective=ce_objective):
   """Evaluation PGD: uniform random start, step epsilon/divisor, keeps misclassified iterates."""
-  def attack(apply_fn, variables, x, y, key, *, epsilon, norm):
+  def attack(apply_fn, variables, x, y, key, *, epsilon, norm, trace=False):
     return pgd(apply_fn, variables, x, y, key, epsilon=epsilon, step_size=epsilon / step_divisor,
                steps=steps, norm=norm, init="uniform", objective=objective,
-               keep_misclassified=True)
+               keep_misclassified=True, trace=trace)
   return attack
 
 

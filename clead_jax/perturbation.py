@@ -8,6 +8,8 @@ Per-example keys make an example's random draws a function of (seed, its index i
 results do not depend on the batch it is evaluated in or on the number of devices.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -111,3 +113,20 @@ def random_init(key, x, epsilon, norm, init="uniform"):
 def finish(x_adv, x, epsilon, norm):
   """The last step of every attack: onto the epsilon-ball and the box, without gradient."""
   return jax.lax.stop_gradient(project(x_adv, x, epsilon, norm))
+
+
+# --- what an attack's iterates did ---------------------------------------------------------------
+
+class Trace(NamedTuple):
+  """Per example, what an attack's iterates did: read by the indicators of attack failure
+  (clead_jax/evaluation/indicators.py). Attacks return one only when asked (trace=True)."""
+  losses: jax.Array  # (iterates, B): the objective the attack maximises, at each iterate
+  misclassified: jax.Array  # (B,) bool: some iterate was misclassified
+  start_gradient_zero: jax.Array  # (B,) bool: the input gradient at the start is all zero
+  start_gradient_non_finite: jax.Array  # (B,) bool: ... or has a non-finite entry
+
+
+def gradient_flags(grad):
+  """(all zero, some entry not finite) per example."""
+  flat = grad.reshape(grad.shape[0], -1)
+  return jnp.all(flat == 0, -1), ~jnp.all(jnp.isfinite(flat), -1)

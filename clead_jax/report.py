@@ -239,11 +239,27 @@ def to_markdown(report: dict) -> str:
               + ", ".join(f"{e:.4g}: {a:.3f}" for e, a in zip(curve["epsilon"], curve["accuracy"]))]
   for warning in report.get("warnings", []):
     lines += ["", f"WARNING: {warning}"]
+  lines += indicator_lines(report)
   trained = ("" if "train_time_s" not in report  # an imported checkpoint: not trained here
              else f"Train time {report['train_time_s']:.1f} s, ")
   lines += ["", f"{trained}{'e' if trained else 'E'}valuation time "
             f"{report.get('eval_time_s', 0.0):.1f} s.", ""]
   return "\n".join(lines)
+
+
+def indicator_lines(report: dict) -> list:
+  """report.md's lines on the indicators of attack failure: those that fired, each with what it
+  means and what to do (clead_jax/evaluation/indicators.py; report.json keeps every number)."""
+  block = report.get("indicators")
+  if block is None:
+    return []
+  checked = ", ".join(block.get("attacks", {})) or "no PGD or APGD attack"
+  if not block.get("fired"):
+    return ["", f"Indicators of attack failure: none fired ({checked} and the model, on "
+                f"{block['sample']})."]
+  return (["", f"Indicators of attack failure that fired ({checked} and the model, on "
+               f"{block['sample']}; the numbers are in report.json):"]
+          + [f"- {fired['message']}" for fired in block["fired"]])
 
 
 def plot_curve(report: dict, path: str):

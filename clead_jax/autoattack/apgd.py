@@ -81,8 +81,9 @@ def checkpoints(n_iter):
 
 
 def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target=None,
-             n_iter=N_ITER, rho=RHO, eot_iter=1, stochastic=False):
-  """One run of APGD from a random start; returns (x_adv, fooled).
+             n_iter=N_ITER, rho=RHO, eot_iter=1, stochastic=False, trace=False):
+  """One run of APGD from a random start; returns (x_adv, fooled), with trace=True
+  (x_adv, fooled, perturbation.Trace) over the start and every iterate.
 
   x_adv is, per example, the last iterate the model misclassified, or else the iterate of highest
   loss. With stochastic=True, apply_fn(variables, x, keys) takes one key per example and the
@@ -125,6 +126,8 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
       loss_prev=loss0, increases=jnp.zeros(x.shape[0], jnp.int32),
       loss_max_at_check=loss0, reduced_at_check=jnp.ones(x.shape[0], bool),
       interval=jnp.int32(first_interval), since_check=jnp.int32(0))
+  if trace:
+    carry["losses"] = jnp.zeros((n_iter + 1, x.shape[0]), loss0.dtype).at[0].set(loss0)
 
   def body(i, c):
     c = dict(c)
@@ -135,6 +138,8 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
                             + (1.0 - a) * (c["x_adv"] - c["x_prev"]), x, epsilon, norm)
     c["x_prev"], c["x_adv"] = c["x_adv"], x_new
     loss_value, logits, c["grad"] = loss_logits_grad(x_new, i + 1)
+    if trace:
+      c["losses"] = c["losses"].at[i + 1].set(loss_value)
 
     wrong = jnp.argmax(logits, -1) != y
     c["x_fool"] = jnp.where(expand(wrong), x_new, c["x_fool"])
@@ -167,6 +172,10 @@ def apgd_run(apply_fn, variables, x, y, key, *, epsilon, norm, loss="ce", target
 
   c = jax.lax.fori_loop(0, n_iter, body, carry)
   x_adv = jnp.where(expand(c["fooled"]), c["x_fool"], c["x_max"])
+  if trace:
+    record = perturbation.Trace(c["losses"], c["fooled"], *perturbation.gradient_flags(grad0))
+    return (perturbation.finish(x_adv, x, epsilon, norm), c["fooled"],
+            jax.lax.stop_gradient(record))
   return perturbation.finish(x_adv, x, epsilon, norm), c["fooled"]
 
 
@@ -183,10 +192,10 @@ def check_classes(num_classes, loss, targeted):
 
 
 def make_run(*, epsilon, norm, loss="ce", targeted=False, n_restarts=1, n_iter=N_ITER, rho=RHO,
-             eot_iter=1, stochastic=False):
+             eot_iter=1, stochastic=False, trace=False):
   """run(apply_fn, variables, x, y, keys, run_index) -> x_adv: restart run_index % n_restarts,
   and for APGD-T the target of rank 2 + run_index // n_restarts in the clean logits (as
-  APGDAttack_targeted.perturb)."""
+  APGDAttack_targeted.perturb). With trace=True the run returns (x_adv, perturbation.Trace)."""
   if loss not in LOSSES:
     raise ValueError(f"loss={loss!r}; choose one of {LOSSES}")
 
@@ -196,10 +205,10 @@ def make_run(*, epsilon, norm, loss="ce", targeted=False, n_restarts=1, n_iter=N
       logits, _ = (apply_fn(variables, x, perturbation.fold_in(keys, 0)) if stochastic
                    else apply_fn(variables, x))
       target = common.target_classes(logits, 2 + run_index // n_restarts)
-    x_adv, _ = apgd_run(apply_fn, variables, x, y, keys, epsilon=epsilon, norm=norm, loss=loss,
-                        target=target, n_iter=n_iter, rho=rho, eot_iter=eot_iter,
-                        stochastic=stochastic)
-    return x_adv
+    out = apgd_run(apply_fn, variables, x, y, keys, epsilon=epsilon, norm=norm, loss=loss,
+                   target=target, n_iter=n_iter, rho=rho, eot_iter=eot_iter,
+                   stochastic=stochastic, trace=trace)
+    return (out[0], out[2]) if trace else out[0]
 
   return run
 

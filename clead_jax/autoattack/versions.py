@@ -18,6 +18,7 @@ not depend on the batch an example is evaluated in.
 """
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -42,6 +43,9 @@ class Stage:
   run: Callable  # run(apply_fn, variables, x, y, keys, run_index) -> x_adv
   num_runs: int
   black_box: bool = False
+  # APGD stages: the same run returning (x_adv, perturbation.Trace), for the indicators of
+  # attack failure (clead_jax/evaluation/indicators.py).
+  traced_run: Callable = None
 
 
 def stages(version, num_classes, *, epsilon, norm, n_iter=apgd.N_ITER, fab_iter=fab.N_ITER,
@@ -56,9 +60,10 @@ def stages(version, num_classes, *, epsilon, norm, n_iter=apgd.N_ITER, fab_iter=
 
   def apgd_stage(name, loss, targeted=False, restarts=1, eot=1):
     apgd.check_classes(num_classes, loss, targeted)
-    return Stage(name, apgd.make_run(loss=loss, targeted=targeted, n_restarts=restarts,
-                                     n_iter=n_iter, eot_iter=eot, stochastic=stochastic, **kw),
-                 restarts * (targets if targeted else 1))
+    make_run = functools.partial(apgd.make_run, loss=loss, targeted=targeted, n_restarts=restarts,
+                                 n_iter=n_iter, eot_iter=eot, stochastic=stochastic, **kw)
+    return Stage(name, make_run(), restarts * (targets if targeted else 1),
+                 traced_run=make_run(trace=True))
 
   def fab_stage(name, targeted, restarts=1):
     return Stage(name, fab.make_run(targeted=targeted, n_restarts=restarts, n_iter=fab_iter,

@@ -28,6 +28,7 @@ from clead_jax.autoattack import versions as autoattack_versions
 from clead_jax.errors import UserError
 from clead_jax.evaluation import autoattack_runner
 from clead_jax.evaluation import checks
+from clead_jax.evaluation import indicators
 from clead_jax.evaluation import sharded
 
 AUTOATTACK_NAMES = autoattack_versions.ATTACK_NAMES
@@ -224,5 +225,7 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
       checks.black_box_warnings(autoattack_results)
       + checks.monotonicity_warnings(white_box, data.get("robustness_curve"), len(labels))
       + checks.gradient_warnings(*evaluator.input_gradient_flags(variables, images, labels))),
+      indicators=indicators.compute(evaluator, variables, images, labels, epsilon=epsilon,
+                                    report=report),
       eval_time_s=time.time() - start)
   return report.write()
