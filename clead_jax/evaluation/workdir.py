@@ -16,6 +16,7 @@ from clead_jax import input_pipeline
 from clead_jax import parallel
 from clead_jax import report as report_lib
 from clead_jax import train_state
+from clead_jax import workdir_lock
 from clead_jax.errors import UserError
 from clead_jax.evaluation import suite
 
@@ -176,10 +177,24 @@ def evaluate_state(config, workdir, network, state_variables, step, dataset, mes
       autoattack_identity=identity)
 
 
+def threat_model_dir(workdir, config, epsilon=None, norm=None):
+  """Where the report of an evaluation at (epsilon, norm) goes: the workdir for training's own
+  threat model, else DIR/<norm>_eps<E>/ (a report of its own, never merged into the main one).
+  Sets config.attack to the threat model."""
+  norm = norm or config.attack.norm
+  epsilon = float(config.attack.epsilon if epsilon is None else epsilon)
+  if norm == config.attack.norm and epsilon == float(config.attack.epsilon):
+    return workdir
+  config.attack.norm, config.attack.epsilon = norm, epsilon
+  return os.path.join(workdir, f"{norm}_eps{epsilon:g}")
+
+
 def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=None,
-                     progress=True) -> dict:
-  """Evaluates a checkpoint of `workdir`; adds to its report and returns it."""
+                     progress=True, epsilon=None, norm=None) -> dict:
+  """Evaluates a checkpoint of `workdir`; adds to its report and returns it. With `epsilon`
+  (and `norm`) other than training's, the report is DIR/<norm>_eps<E>/'s."""
   config = load_config(workdir)
+  report_dir = threat_model_dir(workdir, config, epsilon, norm)
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
   mesh = parallel.make_mesh()
   dataset = input_pipeline.load_dataset(config.data)
@@ -190,11 +205,13 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
                         else "config.eval.num_examples")
   if jax.process_index() == 0:
     print(f"clead_jax.evaluate: checkpoint {step} of {workdir}; {jax.device_count()} device(s) "
-          f"({jax.devices()[0].platform}); attacks {', '.join(attack_names)}", flush=True)
+          f"({jax.devices()[0].platform}); attacks {', '.join(attack_names)}"
+          + (f"; {config.attack.norm} epsilon {config.attack.epsilon:g}, report in {report_dir}"
+             if report_dir != workdir else ""), flush=True)
   info = {"step": int(step),
           "rule": checkpoint_rule(checkpoint, step, model.total_steps, config)}
   extra = {"train_time_s": float(meta.get("train_time_s", 0.0))}
-  return evaluate_state(config, workdir, model.network, state.variables, step, dataset, mesh,
+  return evaluate_state(config, report_dir, model.network, state.variables, step, dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
                         header_extra=extra, progress=progress,
                         source="best_checkpoint" if checkpoint == "best" else "checkpoints")
@@ -238,10 +255,16 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
                         else "config.eval.num_examples")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+    workdir_lock.acquire(workdir)  # one writer (a no-op when evaluate took it already)
     config_tools.atomic_write(os.path.join(workdir, "config.json"),
                               config.to_json_best_effort(sort_keys=True, indent=2) + "\n")
   info = {"step": 0, "rule": f"the PyTorch checkpoint {torch_path}"}
+  extra = {"method": "imported", "torch_checkpoint": torch_path}
+  origin = checkpoint.get("clead_jax") if isinstance(checkpoint, dict) else None
+  if isinstance(origin, dict) and isinstance(origin.get("config"), dict):  # our export: its run's
+    extra.update(method=f"{origin['config'].get('method', 'unknown')} (imported)",
+                 steps=int(origin.get("step", 0)))
   return evaluate_state(config, workdir, network, variables, 0, dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
-                        header_extra={"method": "imported", "torch_checkpoint": torch_path},
+                        header_extra=extra,
                         progress=progress, source=f"torch:{os.path.abspath(torch_path)}")

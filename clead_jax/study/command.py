@@ -11,6 +11,7 @@ default attacks are FGSM, PGD-20, PGD-100, CW and AutoAttack, plus the paper's t
 (surrogate: the study's own standard run) when the study trains one.
 """
 
+import os
 import shlex
 import sys
 
@@ -44,7 +45,9 @@ def main(argv):
     from clead_jax.errors import UserError
     from clead_jax.study import runs
     from clead_jax.study import tables
+    from clead_jax import workdir_lock
     distributed.initialize(None, None, None)
+    workdir_lock.check_writable(values.workdir, "--workdir")
     config = values.config
     if values.seeds < 1:
       raise UserError(f"--seeds={values.seeds} must be >= 1")
@@ -53,11 +56,17 @@ def main(argv):
     sweeps = [runs.parse_sweep(spec, config) for spec in values.sweep]
     if len({f for f, _ in sweeps}) != len(sweeps):
       raise UserError("--sweep names a field twice")
+    if jax.process_index() == 0:  # one study per directory; each run also locks its own
+      os.makedirs(values.workdir, exist_ok=True)
+      workdir_lock.acquire(values.workdir)
     if not ("config.eval.attacks" in values and values["config.eval.attacks"].present):
       config.eval.attacks = runs.default_eval_attacks(methods, baselines)
     command = shlex.join(["python", "-m", "clead_jax.study"] + sys.argv[1:])
     summary = runs.run_study(config, values.workdir, methods, values.seeds, sweeps, baselines,
                              None, command, is_writer=jax.process_index() == 0)
+  if jax.process_index() == 0:  # the study's table, as study.md holds it
+    with open(os.path.join(values.workdir, tables.stem(summary) + ".md")) as f:
+      print(f.read(), flush=True)
   failed = sum(len(row["seeds_failed"]) for row in summary["rows"])
   if failed:
     print(f"error: {failed} run(s) failed; see {tables.stem(summary)}.md; the others are "
