@@ -2,8 +2,9 @@
 
 Bad input is one line on stderr, `error: <what, why, and the fix>`, and exit code 2 (see
 errors.UserError): an unknown config field (with the nearest names), a missing or unreadable
-config file, an override without --config, a missing required flag, a value of the wrong type
-or out of range. A stop by SIGINT or SIGTERM is one line too (clead_jax/stopping.py): exit 0 when
+config file, one that fails to import (the file, the line and the error), an override without
+--config, a missing required flag, a value of the wrong type or out of range; a workdir another
+process writes, a path that cannot be written (clead_jax/workdir_lock.py). A stop by SIGINT or SIGTERM is one line too (clead_jax/stopping.py): exit 0 when
 work was kept, 130 or 143 when nothing had run yet.
 
 Library noise (absl, Orbax and TensorStore logging, and what library threads write to stderr,
@@ -25,6 +26,7 @@ from absl import flags
 from absl import logging
 
 from clead_jax import stopping
+from clead_jax import workdir_lock
 from clead_jax.errors import UserError
 
 LOG_FILE = "clead_jax.log"
@@ -64,6 +66,49 @@ def _unknown_field_message(argv, missing=None):
           if missing else "a --config.* override names no config field; see --help")
 
 
+def _config_path(argv):
+  """The file of --config FILE[:ARG] in argv, or None."""
+  for i, arg in enumerate(argv):
+    value = (argv[i + 1] if arg == "--config" and i + 1 < len(argv)
+             else arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+    if value:
+      return value.split(":", 1)[0]
+  return None
+
+
+def _same_file(a, b):
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+def _config_load_error(argv, error):
+  """One line for a config file that failed to import or whose get_config raised: the file, the
+  line and the error; None when `error` did not come from the config file's code."""
+  path = _config_path(argv)
+  chain, cause = [], error
+  while cause is not None and len(chain) < 10:
+    chain.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  for exc in chain:
+    if isinstance(exc, SyntaxError) and exc.lineno and _same_file(exc.filename or "", path or ""):
+      return (f"--config {path}, line {exc.lineno}: the config file failed to load (SyntaxError: "
+              f"{exc.msg}); fix the file")
+  for exc in chain:
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+      if _same_file(tb.tb_frame.f_code.co_filename, path or ""):
+        line = tb.tb_lineno
+      tb = tb.tb_next
+    if line is not None:
+      message = str(exc).splitlines()[0] if str(exc) else ""
+      return (f"--config {path}, line {line}: the config file failed to load "
+              f"({type(exc).__name__}{': ' + message if message else ''}); fix the file (or "
+              "the argument after ':')")
+  return None
+
+
 def parse_flags(argv):
   """absl's parser, with every bad flag reported as one line and exit code 2."""
   try:
@@ -76,21 +121,28 @@ def parse_flags(argv):
   except flags.UnrecognizedFlagError as e:
     name = getattr(e, "flagname", None) or str(e)
     if name.startswith("config.") and not _has_config_flag(argv):
+      if _override_hint:
+        fail(f"--{name}: {_override_hint}")
       fail(f"--{name} overrides a config field, but no --config FILE was given; put --config "
            "first, e.g. --config configs/digits.py --" + name)
     if name.startswith("config."):
       fail(_unknown_field_message(argv))
     fail(f"unknown flag --{name}; see --help")
+  except SyntaxError as e:
+    fail(_config_load_error(argv, e) or f"--config: {e}")
   except flags.Error as e:
     text = str(e)
     if "Error whilst parsing config file" in text:
       cause = [l.strip() for l in text.splitlines() if l.strip()][-1]
-      fail(f"{text.splitlines()[0].rstrip(':').split(': Error')[0]}: the config file failed to "
-           f"load ({cause}); check the file and the argument after ':'")
+      fail(_config_load_error(argv, e) or (
+          f"{text.splitlines()[0].rstrip(':').split(': Error')[0]}: the config file failed to "
+          f"load ({cause}); check the file and the argument after ':'"))
     fail(f"{text.splitlines()[0]}; pass a value of the field's type (see --help)")
-  except (KeyError, AttributeError):
-    fail(_unknown_field_message(argv))
+  except (KeyError, AttributeError) as e:
+    fail(_config_load_error(argv, e) or _unknown_field_message(argv))
   except OSError as e:
+    if _config_load_error(argv, e):
+      fail(_config_load_error(argv, e))
     chain, cause = [], e  # ml_collections re-raises the loading error at first access
     while cause is not None:
       chain.append(str(cause))
@@ -213,16 +265,24 @@ def user_errors_as_one_line():
          "and keeps the report entries written so far")
 
 
-def run(main, define_flags, usage=None):
+_override_hint = None  # what a --config.* override without --config should say instead
+
+
+def run(main, define_flags, usage=None, config_fields=True, override_hint=None):
   """Defines the command's flags, installs the signal handling (before JAX is imported), and
-  runs main(argv) with one-line errors. `usage`: the text --help prints first."""
+  runs main(argv) with one-line errors. `usage`: the text --help prints first; config_fields:
+  whether --help lists every config field (a command whose --config is secondary says where
+  they apply instead); override_hint: the error of a --config.* override without --config."""
+  global _override_hint
+  _override_hint = override_hint
   stopping.install()
+  workdir_lock.enable()  # one writer per workdir: this process holds the ones it writes
   # TensorFlow (only TFDS uses it) logs start-up lines on stderr unless told not to.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   define_flags()
   if usage is not None and any(a in ("--help", "-h", "--helpshort", "--helpfull")
                                for a in sys.argv[1:]):
     from clead_jax import help_text  # pylint: disable=g-import-not-at-top
-    print(help_text.render(usage, flags.FLAGS))
+    print(help_text.render(usage, flags.FLAGS, config_fields))
     sys.exit(0)
   app.run(main, flags_parser=parse_flags)

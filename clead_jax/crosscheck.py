@@ -241,6 +241,18 @@ def main(argv):
   values = flags.FLAGS
   command_line.log_to(values.workdir)
   with command_line.user_errors_as_one_line():
+    # pylint: disable=g-import-not-at-top
+    from clead_jax import torch_weights
+    from clead_jax import workdir_lock
+    # Before any work: PyTorch and the reference, and a workdir this process alone writes.
+    torch_weights.import_torch()
+    try:
+      import pyautoattack  # pylint: disable=unused-import
+    except ImportError:
+      raise UserError("the reference AutoAttack is not installed: pip install pyautoattack "
+                      "(or pip install -e '.[torch]')") from None
+    workdir_lock.check_writable(values.workdir, "--workdir")
+    workdir_lock.acquire(values.workdir)
     result = crosscheck_workdir(values.workdir, values.num_examples, values.batch_size)
     print(to_markdown(result), flush=True)
 

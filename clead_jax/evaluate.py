@@ -21,6 +21,16 @@ architecture, nested under 'state_dict' and prefixed by 'module.' or 'model.' or
 converts the weights into the config's Flax model (a mismatch is one line naming the first
 offending tensor) and writes the usual report into --workdir. Inputs are in [0, 1]; the
 normalisation is the checkpoint's own ('mean'/'std' entries, as our exports have) or none.
+
+Another threat model than training's (the report of the training epsilon is left as it is):
+
+  python -m clead_jax.evaluate --workdir runs/digits --epsilon 0.1 [--norm l2]
+
+writes a report of its own into DIR/<norm>_eps<E>/ (report.json, report.md, ...), which
+accumulates like the main one.
+
+One process writes a workdir at a time (DIR/clead_jax.lock names it); the workdir is checked
+for writing before any work.
 """
 
 from absl import flags
@@ -44,6 +54,9 @@ def _define_flags():
                       "training workdir's (needs --config; --workdir receives the report).")
   config_flags.DEFINE_config_file("config", None, "With --torch_checkpoint: the config of the "
                                   "data, model and threat model.", lock_config=True)
+  flags.DEFINE_float("epsilon", None, "Evaluate at this epsilon instead of training's; the "
+                     "report goes to DIR/<norm>_eps<E>/, the training epsilon's report stays.")
+  flags.DEFINE_enum("norm", None, ["linf", "l2"], "With --epsilon: the norm (default: training's).")
 
 
 def main(argv):
@@ -57,13 +70,24 @@ def main(argv):
     from clead_jax import report as report_lib
     from clead_jax.errors import UserError
     from clead_jax.evaluation import workdir as workdir_lib
+    from clead_jax import workdir_lock
     import jax
     distributed.initialize()
+    if values.norm is not None and values.epsilon is None:
+      raise UserError("--norm needs --epsilon E: the radius of the threat model in that norm")
+    if values.epsilon is not None and not values.epsilon > 0:
+      raise UserError(f"--epsilon={values.epsilon} must be > 0")
+    workdir_lock.check_writable(values.workdir, "--workdir")
+    if jax.process_index() == 0:
+      workdir_lock.acquire(values.workdir)
     try:
       if values.torch_checkpoint:
         if values.config is None:
           raise UserError("--torch_checkpoint needs --config FILE: the data, model and threat "
                           "model to evaluate it with")
+        if values.epsilon is not None:
+          values.config.attack.epsilon = values.epsilon
+          values.config.attack.norm = values.norm or values.config.attack.norm
         report = workdir_lib.evaluate_torch_checkpoint(
             values.config, values.torch_checkpoint, values.workdir, values.attacks,
             values.num_examples)
@@ -72,7 +96,8 @@ def main(argv):
                         "uses DIR/config.json")
       else:
         report = workdir_lib.evaluate_workdir(values.workdir, values.attacks, values.checkpoint,
-                                              values.num_examples)
+                                              values.num_examples, epsilon=values.epsilon,
+                                              norm=values.norm)
     except stopping.Stopped as stopped:
       stopped.what_was_kept = ("the report keeps every attack finished so far"
                                + (f"; {stopped.what_was_kept}" if stopped.what_was_kept else "")
@@ -83,7 +108,9 @@ def main(argv):
 
 
 def run():
-  command_line.run(main, _define_flags, __doc__)
+  command_line.run(main, _define_flags, __doc__, config_fields=False, override_hint=(
+      "evaluate reads the workdir's config.json: --epsilon E [--norm linf|l2] evaluates at "
+      "another threat model; --config FILE and its overrides go with --torch_checkpoint"))
 
 
 if __name__ == "__main__":

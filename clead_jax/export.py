@@ -67,6 +67,8 @@ def main(argv):
     if not values.out.endswith(".pt"):
       raise UserError(f"--out={values.out}: name a .pt file (FILE.py is written beside it)")
     torch_weights.import_torch()
+    from clead_jax import workdir_lock
+    workdir_lock.check_writable(values.out, "--out", directory=False)
     config = workdir_lib.load_config(values.workdir)
     dataset = input_pipeline.load_dataset(config.data)
     model = train_state.build(config, dataset)

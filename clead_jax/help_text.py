@@ -10,7 +10,7 @@ import textwrap
 from clead_jax import config_tools
 from clead_jax import default_config
 
-_ABSL_FLAGS = {"verbosity", "v", "logtostderr", "alsologtostderr", "log_dir", "stderrthreshold",
+_ABSL_FLAGS = {"v", "logtostderr", "alsologtostderr", "log_dir", "stderrthreshold",
                "showprefixforinfo", "log_fn", "logger_levels", "only_check_args", "pdb",
                "pdb_post_mortem", "run_with_pdb", "run_with_profiling", "profile_file",
                "use_cprofile_for_profiling", "help", "helpshort", "helpfull", "helpxml", "flagfile",
@@ -46,7 +46,13 @@ def _registries():
           ("attacks (config.eval.attacks, evaluate --attacks)", list(suite.ATTACK_NAMES))]
 
 
-def render(usage, flag_values):
+_VERBOSITY = ("--verbosity=0 (or higher) shows library logging (absl, Orbax, TFDS) on the "
+              "terminal too; without it, it goes to the workdir's clead_jax.log only")
+
+
+def render(usage, flag_values, config_fields=True):
+  """config_fields=False: a command whose --config is secondary (evaluate's, only with
+  --torch_checkpoint) says where the fields apply instead of listing them."""
   lines = [usage.strip(), "", "Flags:"]
   takes_config = False
   for name in sorted(flag_values):
@@ -54,9 +60,15 @@ def render(usage, flag_values):
     if name in _ABSL_FLAGS or name.startswith("config.") or flag.name != name:
       continue
     takes_config |= name == "config"
+    if name == "verbosity":
+      lines.append(f"  --verbosity: {_VERBOSITY}")
+      continue
     default = "" if flag.default is None else f" (default: {flag.default!r})"
     lines.append(f"  --{name}: {flag.help}{default}")
-  if takes_config:
+  if takes_config and not config_fields:
+    lines += ["", "--config.FIELD=VALUE overrides go with --config FILE only; every field and its "
+                  "meaning: python -m clead_jax.main --help"]
+  elif takes_config:
     lines += ["", "Config fields (--config.FIELD=VALUE; defaults of clead_jax/default_config.py, "
                   "which a config file may change):"]
     comments = field_comments()

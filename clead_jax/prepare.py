@@ -43,6 +43,9 @@ def main(argv):
     data_dir = os.path.expanduser(flags.FLAGS["data_dir"].value
                                   or os.environ.get("TFDS_DATA_DIR")
                                   or os.path.join("~", "tensorflow_datasets"))
+    from clead_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    workdir_lock.check_writable(data_dir, "--data_dir" if flags.FLAGS["data_dir"].value
+                                else "TFDS's data_dir")
     start = time.time()
     written = tfds_offline.PREPARERS[name](source, data_dir)
     print(f"clead_jax.prepare: {name} from {source} is prepared in {written} "

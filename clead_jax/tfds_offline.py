@@ -58,16 +58,25 @@ def write_idx(path, array):
     f.write(header + array.tobytes())
 
 
+def _idx_file(directory, name):
+  """DIR/name, or DIR/name without .gz when only the uncompressed file is there."""
+  path = os.path.join(directory, name)
+  if not os.path.exists(path) and os.path.exists(path.removesuffix(".gz")):
+    return path.removesuffix(".gz")
+  return path
+
+
 def read_fashion_mnist_split(directory, split):
-  """(images (N, 28, 28, 1) uint8, labels (N,) int64) of a split, decoded from the IDX files."""
-  image_file, label_file = FASHION_MNIST_FILES[split]
-  images = read_idx(os.path.join(directory, image_file))
-  labels = read_idx(os.path.join(directory, label_file))
+  """(images (N, 28, 28, 1) uint8, labels (N,) int64) of a split, decoded from the IDX files
+  (gzipped or not)."""
+  image_file, label_file = (_idx_file(directory, f) for f in FASHION_MNIST_FILES[split])
+  images = read_idx(image_file)
+  labels = read_idx(label_file)
   if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-    raise UserError(f"{os.path.join(directory, image_file)} holds {images.shape} {images.dtype} "
+    raise UserError(f"{image_file} holds {images.shape} {images.dtype} "
                     "images; Fashion-MNIST's are 28x28 uint8")
   if labels.shape != images.shape[:1]:
-    raise UserError(f"{os.path.join(directory, label_file)} has {labels.shape[0]} labels for "
+    raise UserError(f"{label_file} has {labels.shape[0]} labels for "
                     f"{images.shape[0]} images")
   return images[..., None], labels.astype(np.int64)
 
@@ -95,10 +104,10 @@ def find_source(directory):
                       f"{DEBIAN_PACKAGE}) or pass --from DIR holding "
                       + ", ".join(f for pair in FASHION_MNIST_FILES.values() for f in pair))
   missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair
-             if not os.path.exists(os.path.join(directory, f))]
+             if not os.path.exists(_idx_file(directory, f))]
   if missing:
     raise UserError(f"--from {directory}: missing {', '.join(missing)}; pass the directory that "
-                    "holds the four original Fashion-MNIST IDX files")
+                    "holds the four original Fashion-MNIST IDX files (gzipped or not)")
   return directory
 
 

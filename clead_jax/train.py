@@ -32,6 +32,7 @@ from clead_jax import parallel
 from clead_jax import report as report_lib
 from clead_jax import stopping
 from clead_jax import train_state
+from clead_jax import workdir_lock
 from clead_jax.errors import UserError
 from clead_jax.evaluation import suite
 from clead_jax.evaluation import workdir as workdir_lib
@@ -137,6 +138,8 @@ def _prepare_workdir(workdir):
   except OSError as e:
     raise UserError(f"--workdir {workdir!r} is not a writable directory ({e.strerror}); "
                     "choose a directory you can write to") from e
+  if jax.process_index() == 0:  # one writer per workdir (process 0 of a multi-process run)
+    workdir_lock.acquire(workdir)
 
 
 def _say(text):

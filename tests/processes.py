@@ -62,11 +62,12 @@ def finished(tmp_path_factory, cache):  # pylint: disable=redefined-outer-name
 
 
 def digest(workdir):
-  """Every file of the workdir but the command log, by its hash."""
+  """Every file of the workdir but the command log and the lock file (which names the process
+  writing the workdir), by its hash."""
   found = {}
   for root, _, files in os.walk(workdir):
     for name in files:
-      if name == "clead_jax.log":
+      if name in ("clead_jax.log", "clead_jax.lock"):
         continue
       path = os.path.join(root, name)
       with open(path, "rb") as f:

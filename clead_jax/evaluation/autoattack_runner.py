@@ -280,3 +280,7 @@ def discard_state(state_path):
   """Removes a finished evaluation's saved progress (its result is in the report)."""
   if state_path and jax.process_index() == 0 and os.path.exists(state_path):
     os.remove(state_path)
+    try:
+      os.rmdir(os.path.dirname(state_path))  # the state directory, once it holds nothing else
+    except OSError:
+      pass

@@ -17,6 +17,7 @@ from clead_jax import parallel
 from clead_jax import provenance
 from clead_jax import report as report_lib
 from clead_jax import train_state
+from clead_jax import workdir_lock
 from clead_jax.errors import UserError
 from clead_jax.evaluation import suite
 
@@ -135,7 +136,7 @@ def restore_evaluated(workdir, report, config, dataset, mesh):
   source = evaluation.get("checkpoint_source", "checkpoints")
   if source.startswith(TORCH_SOURCE):
     where = source[len(TORCH_SOURCE):]
-    network, variables, mean, std = load_torch_model(config, where, dataset, mesh)
+    network, variables, mean, std, _ = load_torch_model(config, where, dataset, mesh)
   else:
     model = train_state.build(config, dataset)
     step = evaluation.get("checkpoint_step", report.get("steps"))
@@ -232,10 +233,24 @@ def evaluate_state(config, workdir, network, state_variables, step, dataset, mes
       autoattack_identity=identity)
 
 
+def threat_model_dir(workdir, config, epsilon=None, norm=None):
+  """Where the report of an evaluation at (epsilon, norm) goes: the workdir for training's own
+  threat model, else DIR/<norm>_eps<E>/ (a report of its own, never merged into the main one).
+  Sets config.attack to the threat model."""
+  norm = norm or config.attack.norm
+  epsilon = float(config.attack.epsilon if epsilon is None else epsilon)
+  if norm == config.attack.norm and epsilon == float(config.attack.epsilon):
+    return workdir
+  config.attack.norm, config.attack.epsilon = norm, epsilon
+  return os.path.join(workdir, f"{norm}_eps{epsilon:g}")
+
+
 def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=None,
-                     progress=True) -> dict:
-  """Evaluates a checkpoint of `workdir`; adds to its report and returns it."""
+                     progress=True, epsilon=None, norm=None) -> dict:
+  """Evaluates a checkpoint of `workdir`; adds to its report and returns it. With `epsilon`
+  (and `norm`) other than training's, the report is DIR/<norm>_eps<E>/'s."""
   config = load_config(workdir)
+  report_dir = threat_model_dir(workdir, config, epsilon, norm)
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
   mesh = parallel.make_mesh()
   dataset = input_pipeline.load_dataset(config.data)
@@ -246,20 +261,23 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
                         else "config.eval.num_examples")
   if jax.process_index() == 0:
     print(f"clead_jax.evaluate: checkpoint {step} of {workdir}; {jax.device_count()} device(s) "
-          f"({jax.devices()[0].platform}); attacks {', '.join(attack_names)}", flush=True)
+          f"({jax.devices()[0].platform}); attacks {', '.join(attack_names)}"
+          + (f"; {config.attack.norm} epsilon {config.attack.epsilon:g}, report in {report_dir}"
+             if report_dir != workdir else ""), flush=True)
   info = {"step": int(step),
           "rule": checkpoint_rule(checkpoint, step, model.total_steps, config)}
   extra = {"train_time_s": float(meta.get("train_time_s", 0.0)), "total_steps": model.total_steps}
-  return evaluate_state(config, workdir, model.network, evaluated_variables(state, config), step,
-                        dataset, mesh,
+  return evaluate_state(config, report_dir, model.network, evaluated_variables(state, config),
+                        step, dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
                         header_extra=extra, progress=progress,
                         source="best_checkpoint" if checkpoint == "best" else "checkpoints")
 
 
 def load_torch_model(config, torch_path, dataset, mesh):
-  """(network, variables, mean, std) of a PyTorch checkpoint (see evaluate_torch_checkpoint),
-  the variables replicated over `mesh`."""
+  """(network, variables, mean, std, origin) of a PyTorch checkpoint (see
+  evaluate_torch_checkpoint), the variables replicated over `mesh`; `origin`: the 'clead_jax'
+  entry of our export (the run's config, step, fingerprints), else None."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from clead_jax import torch_weights  # pylint: disable=g-import-not-at-top
   from clead_jax import models  # pylint: disable=g-import-not-at-top
@@ -282,7 +300,9 @@ def load_torch_model(config, torch_path, dataset, mesh):
   head = checkpoint.get("projection_head") if isinstance(checkpoint, dict) else None
   head = {k: np.asarray(v) for k, v in head.items()} if head else None
   variables = torch_weights.from_torch(config.model, state, abstract, source=torch_path, head=head)
-  return network, jax.device_put(variables, parallel.replicated(mesh)), mean, std
+  origin = checkpoint.get("clead_jax") if isinstance(checkpoint, dict) else None
+  return (network, jax.device_put(variables, parallel.replicated(mesh)), mean, std,
+          origin if isinstance(origin, dict) else None)
 
 
 def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_examples=None,
@@ -295,16 +315,21 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
   dataset = input_pipeline.load_dataset(config.data)
   mesh = parallel.make_mesh()
-  network, variables, _, _ = load_torch_model(config, torch_path, dataset, mesh)
+  network, variables, _, _, origin = load_torch_model(config, torch_path, dataset, mesh)
   n = num_test_examples(num_examples if num_examples is not None else config.eval.num_examples,
                         dataset, "--num_examples" if num_examples is not None
                         else "config.eval.num_examples")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+    workdir_lock.acquire(workdir)  # one writer (a no-op when evaluate took it already)
     config_tools.atomic_write(os.path.join(workdir, "config.json"),
                               config.to_json_best_effort(sort_keys=True, indent=2) + "\n")
   info = {"step": 0, "rule": f"the PyTorch checkpoint {torch_path}"}
+  extra = {"method": "imported", "torch_checkpoint": torch_path}
+  if origin and isinstance(origin.get("config"), dict):  # our export: its run's
+    extra.update(method=f"{origin['config'].get('method', 'unknown')} (imported)",
+                 steps=int(origin.get("step", 0)))
   return evaluate_state(config, workdir, network, variables, 0, dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
-                        header_extra={"method": "imported", "torch_checkpoint": torch_path},
+                        header_extra=extra,
                         progress=progress, source=f"{TORCH_SOURCE}{os.path.abspath(torch_path)}")

@@ -10,7 +10,7 @@ DIR/study.md, study.json and two plots; see clead_jax/study/runs.py for the layo
 default attacks are FGSM, PGD-20, PGD-100, CW and AutoAttack, plus the paper's transfer attack
 (surrogate: the study's own standard run) when the study trains one.
 
-The same study spread over machines (launch/study_slurm.sh, launch/study_k8s.sh): add to the same
+The same study spread over machines (launch/study_slurm.sh, launch/gke_study.sh): add to the same
 command line
   --plan          write DIR/plan.json and print one line per run: index, label, seed, workdir;
   --run_index=K   train and evaluate run K only (resuming it); a run whose transfer surrogate has
@@ -20,6 +20,7 @@ Each writes only its own run's directory (and plan.json when it is missing), so 
 --run_index processes may run at once.
 """
 
+import os
 import shlex
 import sys
 
@@ -59,7 +60,9 @@ def main(argv):
     from clead_jax.errors import UserError
     from clead_jax.study import runs
     from clead_jax.study import tables
+    from clead_jax import workdir_lock
     distributed.initialize(None, None, None)
+    workdir_lock.check_writable(values.workdir, "--workdir")
     config = values.config
     if values.seeds < 1:
       raise UserError(f"--seeds={values.seeds} must be >= 1")
@@ -79,15 +82,21 @@ def main(argv):
     if values.plan:
       runs.print_plan(*study, is_writer=is_writer)
       return
-    if values.run_index is not None:
+    if values.run_index is not None:  # many at once: each run locks its own directory
       runs.run_index(*study[:4], values.run_index, sweeps, baselines, is_writer=is_writer,
                      surrogate_wait_s=values.surrogate_wait_s)
       return
+    if is_writer:  # one summary writer per study directory; each run also locks its own
+      os.makedirs(values.workdir, exist_ok=True)
+      workdir_lock.acquire(values.workdir)
     command = shlex.join(["python", "-m", "clead_jax.study"] + _study_args(sys.argv[1:]))
     if values.collect:
-      runs.collect(*study, None, command, is_writer=is_writer)
-      return
-    summary = runs.run_study(*study, None, command, is_writer=is_writer)
+      summary = runs.collect(*study, None, command, is_writer=is_writer)
+    else:
+      summary = runs.run_study(*study, None, command, is_writer=is_writer)
+  if jax.process_index() == 0:  # the study's table, as study.md holds it
+    with open(os.path.join(values.workdir, tables.stem(summary) + ".md")) as f:
+      print(f.read(), flush=True)
   failed = sum(len(row["seeds_failed"]) for row in summary["rows"])
   if failed:
     print(f"error: {failed} run(s) failed; see {tables.stem(summary)}.md; the others are "
