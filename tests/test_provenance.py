@@ -149,7 +149,9 @@ def test_an_imported_pytorch_file_replaced_at_the_same_path_starts_a_report_of_i
                                               progress=False)
   assert set(new["robust_accuracy"]) == {"fgsm"}
   assert new["evaluation"]["weights_fingerprint"] != old["evaluation"]["weights_fingerprint"]
-  assert _read(imported, "report.0.json")["robust_accuracy"] == old["robust_accuracy"]
+  archived = glob.glob(os.path.join(imported, "report.*.json"))
+  assert len(archived) == 1  # named after the exported run's step
+  assert _read(imported, os.path.basename(archived[0]))["robust_accuracy"] == old["robust_accuracy"]
 
 
 def test_autoattack_progress_of_other_weights_is_set_aside(tmp_path, monkeypatch, capsys):
