@@ -44,3 +44,14 @@ fill() {
   done
   echo "$text"
 }
+
+# apply_manifest TEXT: kubectl apply -f - of TEXT; with DRY_RUN=1, TEXT and the command printed.
+apply_manifest() {
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    echo "$1"
+    echo "+ kubectl apply -f -   (the manifest above)"
+  else
+    echo "+ kubectl apply -f -"
+    kubectl apply -f - <<<"$1"
+  fi
+}

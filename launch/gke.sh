@@ -33,7 +33,7 @@ usage() {
   exit 2
 }
 
-# run CMD... (print, then run unless DRY_RUN=1), yaml_list, fill.
+# run CMD... (print, then run unless DRY_RUN=1), yaml_list, fill, apply_manifest.
 source "$(dirname "$0")/dry_run.sh"
 
 render() {
@@ -56,14 +56,7 @@ case "$action" in
       echo "$0: set IMAGE and BUCKET (see the comment at the top of this script)" >&2
       exit 2
     fi
-    manifest=$(render "$@")
-    if [[ "${DRY_RUN:-0}" == 1 ]]; then
-      echo "$manifest"
-      echo "+ kubectl apply -f -   (the manifest above)"
-    else
-      echo "+ kubectl apply -f -"
-      kubectl apply -f - <<<"$manifest"
-    fi
+    apply_manifest "$(render "$@")"
     ;;
   logs)
     run kubectl logs -f --tail=-1 \

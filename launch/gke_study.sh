@@ -37,7 +37,7 @@ usage() {
   exit 2
 }
 
-# run CMD... (print, then run unless DRY_RUN=1), yaml_list, fill.
+# run CMD... (print, then run unless DRY_RUN=1), yaml_list, fill, apply_manifest.
 source "$here/dry_run.sh"
 
 # The study's run count: its plan, made in a temporary directory.
@@ -71,16 +71,6 @@ render() {
     SERVICE_ACCOUNT IMAGE BUCKET STUDY_ARGS
 }
 
-apply() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    echo "$1"
-    echo "+ kubectl apply -f -   (the manifest above)"
-  else
-    echo "+ kubectl apply -f -"
-    kubectl apply -f - <<<"$1"
-  fi
-}
-
 [[ $# -ge 1 ]] || usage
 action=$1
 shift
@@ -98,11 +88,11 @@ case "$action" in
       export NUM_RUNS
       NUM_RUNS=$(count_runs "$@")
       export PARALLELISM=${PARALLELISM:-$NUM_RUNS}
-      apply "$(render "$@" \
+      apply_manifest "$(render "$@" \
         '--run_index=$(JOB_COMPLETION_INDEX)' "--surrogate_wait_s=${SURROGATE_WAIT_S:-86400}")"
     else
       export NUM_RUNS=1 PARALLELISM=1
-      JOB_NAME="$JOB_NAME-collect" apply "$(JOB_NAME="$JOB_NAME-collect" \
+      JOB_NAME="$JOB_NAME-collect" apply_manifest "$(JOB_NAME="$JOB_NAME-collect" \
         render "$@" --collect)"
     fi
     ;;
