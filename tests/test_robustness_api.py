@@ -1,0 +1,197 @@
+"""clead_jax as a library (clead_jax/robustness.py): its promised names and signatures, the same
+per-example results as the evaluate command, and the README's examples run as written."""
+
+import functools
+import inspect
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import clead_jax
+from clead_jax import input_pipeline
+from clead_jax import models
+from clead_jax import parallel
+from clead_jax import report as report_lib
+from clead_jax import robustness
+from clead_jax import train_state
+from clead_jax.autoattack import versions
+from clead_jax.evaluation import autoattack_runner
+from clead_jax.evaluation import workdir as workdir_lib
+from tests.conftest import digits_config
+from tests.workdirs import random_weights_workdir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The documented API: a change here is a change of what users were promised.
+_ATTACK = "(logits_fn, params, x, y, key, *, epsilon"
+SIGNATURES = {
+    "evaluate": "(logits_fn: Callable, images, labels, *, epsilon: float, norm: str = 'linf', "
+                "attacks: Sequence[str] = ('autoattack',), batch_size: int = 512, seed: int = 0, "
+                "state_dir: Optional[str] = None, progress: bool = True, params=None, "
+                "autoattack_settings: Optional[dict] = None) -> clead_jax.robustness.Result",
+    "Result": "(report: dict, flags: dict) -> None",
+    "fgsm": _ATTACK + ", norm='linf', init='none', objective=<function ce_objective>)",
+    "pgd": _ATTACK + ", step_size, steps, norm='linf', init='uniform', "
+                     "objective=<function ce_objective>, keep_misclassified=False)",
+    "pgd_linf": _ATTACK + ", steps=20, step_size=None)",
+    "pgd_l2": _ATTACK + ", steps=20, step_size=None)",
+    "cw_linf": _ATTACK + ", steps=100, step_size=None)",
+    "apgd": _ATTACK + ", norm='linf', loss='ce', targeted=False, n_iter=100, n_restarts=1, "
+                      "n_target_classes=9)",
+    "fab": _ATTACK + ", norm='linf', targeted=False, n_restarts=1, n_target_classes=9, "
+                     "n_iter=100)",
+    "square": _ATTACK + ", norm='linf', n_queries=5000)",
+    "autoattack": _ATTACK + ", norm='linf', version='standard', n_iter=100, fab_iter=100, "
+                            "n_queries=5000, n_target_classes=9)",
+    "ce_objective": "(logits, embedding, labels)",
+    "margin_objective": "(logits, embedding, labels)",
+    "cross_entropy": "(logits, labels)",
+    "margin": "(logits, labels)",
+    "trades_kl": "(logits_clean, logits_adv)",
+    "info_nce": "(z_clean, z_adv, labels, temperature: float = 0.1, positives: str = 'pair')",
+    "clead_loss": "(logits_clean, logits_adv, z_clean, z_adv, labels, *, lam=1.0, "
+                  "clean_weight=1.0, temperature=0.1, positives='pair')",
+}
+CONSTANTS = {
+    "ATTACK_NAMES": ("fgsm", "pgd20", "pgd100", "cw", "autoattack", "autoattack_plus",
+                     "autoattack_rand"),
+    "AUTOATTACK_VERSIONS": ("standard", "plus", "rand"),
+}
+RESULT_MEMBERS = ("clean_accuracy", "robust_accuracy", "stage_accuracy", "worst_case_accuracy",
+                  "worst_case", "attack_time_s", "warnings", "indicators", "to_json",
+                  "to_markdown", "report", "flags")
+
+
+def _signature(obj):
+  text = str(inspect.signature(obj))
+  return re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"<function \1>", text)
+
+
+def test_public_names_and_their_signatures():
+  assert sorted(robustness.__all__) == sorted(set(SIGNATURES) | set(CONSTANTS))
+  submodules = ("evaluate", "autoattack")  # the command's module, the AutoAttack package
+  assert clead_jax.PUBLIC_NAMES == tuple(n for n in robustness.__all__ if n not in submodules)
+  for name in robustness.__all__:
+    if name not in submodules:
+      assert getattr(clead_jax, name) is getattr(robustness, name), name
+    if name in CONSTANTS:
+      assert tuple(getattr(robustness, name)) == CONSTANTS[name], name
+    else:
+      assert _signature(getattr(robustness, name)) == SIGNATURES[name], name
+  for member in RESULT_MEMBERS:
+    assert hasattr(robustness.Result, member) or member in ("report", "flags"), member
+
+
+def test_bad_inputs_are_one_line_each():
+  logits_fn = lambda x: x.reshape(x.shape[0], -1)[:, :10]
+  images, labels = np.zeros((4, 4, 4, 1), np.float32), np.zeros(4, np.int32)
+  for bad, expected in (((images[0], labels), "expected (N, height, width, channels)"),
+                        ((images, labels[:3]), "one per image"),
+                        ((images + 2.0, labels), "normalise inside logits_fn"),
+                        ((images, labels.astype(np.float32)), "integer class indices")):
+    with pytest.raises(ValueError, match=re.escape(expected)) as error:
+      robustness.evaluate(logits_fn, *bad, epsilon=0.1)
+    assert "\n" not in str(error.value)
+  with pytest.raises(ValueError, match="surrogate"):
+    robustness.evaluate(logits_fn, images, labels, epsilon=0.1, attacks=("transfer_pgd3",))
+
+
+# --- the same results as the evaluate command --------------------------------------------------
+
+SMALL = dict(n_iter=10, fab_iter=10, n_queries=50, n_target_classes=3)
+
+
+def test_evaluate_gives_the_evaluate_commands_flags(tmp_path, monkeypatch):
+  """The library on a workdir's network and weights gives, per example, the AutoAttack flags
+  that `python -m clead_jax.evaluate --workdir W --attacks=autoattack` wrote in W (both with
+  smaller AutoAttack settings, patched in the same way for both)."""
+  monkeypatch.setattr(versions, "stages", functools.partial(versions.stages, **SMALL))
+  config = digits_config(**{"model.width": 4, "eval.curve_points": 0, "attack.epsilon": 0.05})
+  workdir = random_weights_workdir(str(tmp_path / "run"), config, seed=3)
+  cli = workdir_lib.evaluate_workdir(workdir, attacks="autoattack", num_examples=48,
+                                     progress=False)
+  expected = report_lib.read_examples(workdir)
+
+  dataset = input_pipeline.load_dataset(config.data)
+  model = train_state.build(config, dataset)
+  state, _, _ = workdir_lib.restore_checkpoint(workdir, config, model, parallel.make_mesh())
+  network = models.in_float32(model.network)
+  logits_fn = lambda variables, x: network.apply(variables, x, train=False)[0]
+  result = robustness.evaluate(logits_fn, dataset.test_images[:48], dataset.test_labels[:48],
+                               epsilon=config.attack.epsilon, norm=config.attack.norm,
+                               batch_size=config.eval.batch_size, seed=config.seed,
+                               params=workdir_lib.evaluated_variables(state, config),
+                               progress=False)
+  assert set(expected) == set(result.flags) == {"clean", "autoattack", "autoattack/apgd_ce",
+                                                "autoattack/apgd_t", "autoattack/fab_t",
+                                                "autoattack/square"}
+  for name, flags in expected.items():
+    np.testing.assert_array_equal(result.flags[name], flags, err_msg=name)
+  assert result.robust_accuracy == {"autoattack": cli["robust_accuracy"]["autoattack"]}
+  assert result.report["robust_accuracy"] == cli["robust_accuracy"]
+  assert result.report["indicators"]["fired"] == cli["indicators"]["fired"]
+  assert 0 < result.clean_accuracy and "| autoattack |" in result.to_markdown()
+
+
+def test_state_dir_keeps_the_report_and_skips_what_was_measured(tmp_path, capsys):
+  w = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32)
+  logits_fn = lambda params, x: x.reshape(x.shape[0], -1) @ params
+  images = np.random.default_rng(1).integers(0, 256, (24, 4, 4, 1), dtype=np.uint8)
+  labels = np.argmax(images.reshape(24, -1).astype(np.float32) / 255 @ w, -1)
+  run = lambda attacks: robustness.evaluate(logits_fn, images, labels, epsilon=0.02,
+                                            attacks=attacks, params=w, progress=False,
+                                            state_dir=str(tmp_path), batch_size=8)
+  first = run(("fgsm",))
+  assert os.path.exists(tmp_path / "report.json")
+  second = run(("fgsm", "pgd20"))
+  assert second.attack_time_s["fgsm"] == first.attack_time_s["fgsm"]  # not measured again
+  np.testing.assert_array_equal(second.flags["fgsm"], first.flags["fgsm"])
+  assert set(second.robust_accuracy) == {"fgsm", "pgd20"}
+  assert second.worst_case_accuracy == np.mean(second.worst_case)
+  other = robustness.evaluate(logits_fn, images, labels, epsilon=0.02, attacks=("fgsm",),
+                              params=w * 2, progress=False, state_dir=str(tmp_path))
+  assert set(other.robust_accuracy) == {"fgsm"}  # other weights: a new report
+  assert "other weights" in capsys.readouterr().out
+
+
+# --- the README's examples ---------------------------------------------------------------------
+
+def _readme_blocks():
+  with open(os.path.join(REPO, "README.md")) as f:
+    text = f.read()
+  section = text.split("\n## Use it as a library\n", 1)[1].split("\n## ", 1)[0]
+  return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_readme_has_the_three_examples():
+  blocks = _readme_blocks()
+  assert len(blocks) == 3
+  assert "from flax import nnx" in blocks[0] and "import equinox" in blocks[1]
+  assert "nn.BatchNorm" in blocks[2] and "train=False" in blocks[2]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["nnx", "equinox", "linen_batchnorm"])
+def test_readme_example_runs_and_equals_the_runner(index, capsys):
+  block = _readme_blocks()[index]
+  if "import equinox" in block:
+    pytest.importorskip("equinox")
+  namespace = {"__name__": f"readme_example_{index}"}
+  exec(compile(block, f"README.md, Use it as a library, example {index + 1}", "exec"),
+       namespace)  # pylint: disable=exec-used
+  assert capsys.readouterr().out  # the example prints its result
+  result = namespace["result"]
+  identity = result.report["evaluation"]
+  images, labels = robustness._checked_arrays(namespace["images"], namespace["labels"])  # pylint: disable=protected-access
+  runner = autoattack_runner.Runner(
+      robustness._apply_fn(namespace["logits_fn"], True), parallel.make_mesh(),  # pylint: disable=protected-access
+      identity["norm"], 512, identity["seed"], **identity["autoattack_settings"])
+  expected = runner.run(namespace["params"], images, labels, identity["epsilon"])
+  np.testing.assert_array_equal(result.flags["clean"], expected.clean)
+  for stage, flags in zip(expected.stage_names, expected.robust_after):
+    np.testing.assert_array_equal(result.flags[f"autoattack/{stage}"], flags, err_msg=stage)
+  np.testing.assert_array_equal(result.flags["autoattack"], expected.robust_after[-1])
+  assert any("other than the reference's" in w for w in result.warnings)
+  print(index, result.clean_accuracy, result.robust_accuracy, jax.device_count())
