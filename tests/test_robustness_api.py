@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import clead_jax
+from clead_jax import attacks as attacks_lib
 from clead_jax import input_pipeline
 from clead_jax import models
 from clead_jax import parallel
@@ -97,6 +98,37 @@ def test_bad_inputs_are_one_line_each():
     assert "\n" not in str(error.value)
   with pytest.raises(ValueError, match="surrogate"):
     robustness.evaluate(logits_fn, images, labels, epsilon=0.1, attacks=("transfer_pgd3",))
+
+
+def test_the_attacks_are_the_suites_on_a_logits_function():
+  """The wrappers take logits_fn(params, x) (or logits_fn(x) with params=None) and compute what
+  the evaluation suite's attacks compute on apply_fn(variables, x) -> (logits, embedding)."""
+  rng = np.random.default_rng(0)
+  w = jax.numpy.asarray(rng.normal(size=(16, 10)).astype(np.float32))
+  x = jax.numpy.asarray(rng.random((6, 4, 4, 1)).astype(np.float32))
+  y = jax.numpy.asarray(rng.integers(0, 10, 6))
+  key = jax.random.key(1)
+  logits_fn = lambda params, images: images.reshape(images.shape[0], -1) @ params
+  apply_fn = lambda variables, images: (logits_fn(variables, images),) * 2
+  suite_attacks = attacks_lib.EVAL_ATTACKS
+  for ours, theirs, norm in ((robustness.pgd_linf, suite_attacks["pgd20"], "linf"),
+                             (robustness.pgd_l2, suite_attacks["pgd20"], "l2"),
+                             (robustness.cw_linf, suite_attacks["cw"], "linf"),
+                             (functools.partial(robustness.fgsm, norm="linf"),
+                              suite_attacks["fgsm"], "linf")):
+    np.testing.assert_allclose(ours(logits_fn, w, x, y, key, epsilon=0.1),
+                               theirs(apply_fn, w, x, y, key, epsilon=0.1, norm=norm))
+  closed_over = robustness.pgd_linf(lambda images: logits_fn(w, images), None, x, y, key,
+                                    epsilon=0.1)
+  np.testing.assert_allclose(closed_over, robustness.pgd_linf(logits_fn, w, x, y, key,
+                                                              epsilon=0.1))
+  for attack in (functools.partial(robustness.apgd, n_iter=5),
+                 functools.partial(robustness.apgd, n_iter=5, loss="dlr", targeted=True,
+                                   n_target_classes=2),
+                 functools.partial(robustness.fab, n_iter=5),
+                 functools.partial(robustness.square, n_queries=5)):
+    x_adv = attack(logits_fn, w, x, y, key, epsilon=0.1)
+    assert x_adv.shape == x.shape and float(jax.numpy.abs(x_adv - x).max()) <= 0.1 + 1e-6
 
 
 # --- the same results as the evaluate command --------------------------------------------------
