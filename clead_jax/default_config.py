@@ -12,7 +12,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = "~/.cache/clead_jax/xla"
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "digits"  # digits, fashion_mnist, cifar10, cifar100, svhn_cropped
+  # digits, fashion_mnist, cifar10, cifar100, svhn_cropped, or npz:DIR (DIR/train.npz and
+  # DIR/test.npz, each with uint8 NHWC "images" and integer "labels")
+  config.data.name = "digits"
   config.data.data_dir = ""  # TFDS data_dir; empty means TFDS's default (~/tensorflow_datasets)
   config.data.download = True  # let TFDS download and prepare a missing dataset
   config.data.augment = False  # random crop (pad 4) and horizontal flip, on the device

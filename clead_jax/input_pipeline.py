@@ -159,6 +159,76 @@ def load_tfds(name: str, data_config) -> Dataset:
                  test["label"].astype(np.int32), num_classes, mean, std)
 
 
+# --- your own arrays: config.data.name = "npz:DIR" -------------------------------------------------
+
+NPZ_PREFIX = "npz:"
+NPZ_SPLITS = ("train", "test")
+
+
+def _read_npz_split(directory, split, field):
+  """(images, labels) of DIR/<split>.npz, checked: uint8 NHWC `images`, integer `labels`."""
+  path = os.path.join(directory, f"{split}.npz")
+  if not os.path.isfile(path):
+    raise UserError(f"{field}: {path} does not exist; an npz dataset is a directory holding "
+                    f"train.npz and test.npz, each with uint8 NHWC 'images' and integer 'labels'")
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      missing = [key for key in ("images", "labels") if key not in saved.files]
+      if missing:
+        raise UserError(f"{field}: {path} has no {' or '.join(repr(m) for m in missing)} array "
+                        f"(it has {sorted(saved.files)}); save it with np.savez(path, "
+                        "images=..., labels=...)")
+      images, labels = saved["images"], saved["labels"]
+  except (OSError, ValueError) as e:
+    raise UserError(f"{field}: {path} cannot be read as an npz file "
+                    f"({str(e).splitlines()[0][:200]})") from None
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise UserError(f"{field}: {path}: 'images' is {images.dtype} of shape {images.shape}; "
+                    "expected uint8 of shape (N, height, width, channels)")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
+    raise UserError(f"{field}: {path}: 'labels' is {labels.dtype} of shape {labels.shape}; "
+                    f"expected integers of shape ({len(images)},), one per image")
+  if len(labels) and labels.min() < 0:
+    raise UserError(f"{field}: {path}: 'labels' holds {labels.min()}; labels are class "
+                    "indices 0, 1, ..., num_classes - 1")
+  return images, labels.astype(np.int32)
+
+
+def load_npz(data_config) -> Dataset:
+  """DIR/train.npz and DIR/test.npz (config.data.name 'npz:DIR'); the classes are 0 .. the
+  largest training label, and the per-channel mean and std are the training split's."""
+  name = data_config.name
+  directory = os.path.expanduser(name[len(NPZ_PREFIX):])
+  field = f"config.data.name={name}"
+  if not os.path.isdir(directory):
+    raise UserError(f"{field}: {directory!r} is not a directory; give npz:DIR with DIR holding "
+                    "train.npz and test.npz")
+  (train_images, train_labels), (test_images, test_labels) = (
+      _read_npz_split(directory, split, field) for split in NPZ_SPLITS)
+  if not len(train_labels) or not len(test_labels):
+    raise UserError(f"{field}: train.npz holds {len(train_labels)} and test.npz "
+                    f"{len(test_labels)} images; each needs at least one")
+  if train_images.shape[1:] != test_images.shape[1:]:
+    raise UserError(f"{field}: train.npz images are {train_images.shape[1:]} but test.npz's are "
+                    f"{test_images.shape[1:]}; both splits need one image shape")
+  num_classes = int(train_labels.max()) + 1
+  if num_classes < 2 or test_labels.max() >= num_classes:
+    raise UserError(f"{field}: the training labels span {num_classes} class(es) and the test "
+                    f"labels reach {int(test_labels.max())}; every class needs training images "
+                    "(and at least two classes)")
+  pixels = train_images.reshape(-1, train_images.shape[-1]).astype(np.float64) / 255.0
+  mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
+  return Dataset(name, train_images, train_labels, test_images, test_labels, num_classes,
+                 tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+def check_name(name: str, field: str = "config.data.name"):
+  """A known dataset or npz:DIR (checked when it is loaded); otherwise a UserError."""
+  if name not in DATASETS and not name.startswith(NPZ_PREFIX):
+    raise UserError(f"{field}={name!r} is unknown; choose one of {sorted(DATASETS)}, or "
+                    "npz:DIR for a directory holding train.npz and test.npz")
+
+
 # The dataset registry: config.data.name -> loader(data_config).
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": load_digits,
@@ -171,10 +241,10 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 def load_dataset(data_config) -> Dataset:
   """The dataset, with the validation split held out and the training split cut as configured."""
-  if data_config.name not in DATASETS:
-    raise UserError(f"config.data.name={data_config.name!r} is unknown; "
-                    f"choose one of {sorted(DATASETS)}")
-  return split_validation(DATASETS[data_config.name](data_config),
+  check_name(data_config.name)
+  loader = (load_npz if data_config.name.startswith(NPZ_PREFIX)
+            else DATASETS[data_config.name])
+  return split_validation(loader(data_config),
                           data_config.get("validation_size", 0), data_config.get("train_size", -1))
 
 

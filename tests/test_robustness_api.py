@@ -12,6 +12,7 @@ import pytest
 
 import clead_jax
 from clead_jax import attacks as attacks_lib
+from clead_jax import config_checks
 from clead_jax import input_pipeline
 from clead_jax import models
 from clead_jax import parallel
@@ -19,6 +20,7 @@ from clead_jax import report as report_lib
 from clead_jax import robustness
 from clead_jax import train_state
 from clead_jax.autoattack import versions
+from clead_jax.errors import UserError
 from clead_jax.evaluation import autoattack_runner
 from clead_jax.evaluation import workdir as workdir_lib
 from tests.conftest import digits_config
@@ -227,3 +229,69 @@ def test_readme_example_runs_and_equals_the_runner(index, capsys):
   np.testing.assert_array_equal(result.flags["autoattack"], expected.robust_after[-1])
   assert any("other than the reference's" in w for w in result.warnings)
   print(index, result.clean_accuracy, result.robust_accuracy, jax.device_count())
+
+
+# --- your own arrays: --config.data.name=npz:DIR -------------------------------------------------
+
+def _npz_dataset(directory, train=300, test=60):
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = np.round(digits.images[:train + test, :, :, None] * (255 / 16)).astype(np.uint8)
+  labels = digits.target[:train + test]
+  os.makedirs(directory, exist_ok=True)
+  np.savez(os.path.join(directory, "train.npz"), images=images[:train], labels=labels[:train])
+  np.savez(os.path.join(directory, "test.npz"), images=images[train:], labels=labels[train:])
+  return directory
+
+
+def test_an_npz_dataset_trains_and_evaluates(tmp_path):
+  from clead_jax import train  # pylint: disable=g-import-not-at-top
+  data = _npz_dataset(str(tmp_path / "arrays"))
+  config = digits_config(**{"data.name": f"npz:{data}", "method": "pgd_at", "model.width": 4,
+                            "eval.curve_points": 0, "eval.attacks": "fgsm",
+                            "eval.num_examples": 40, "train.batch_size": 64})
+  dataset = input_pipeline.load_dataset(config.data)
+  assert (dataset.num_classes, dataset.image_shape) == (10, (8, 8, 1))
+  assert dataset.train_images.dtype == np.uint8 and 0.2 < dataset.mean[0] < 0.4
+  workdir = str(tmp_path / "run")
+  trained = train.train_and_evaluate(config, workdir)
+  assert trained["dataset"] == f"npz:{data}" and trained["num_examples"] == 40
+  again = workdir_lib.evaluate_workdir(workdir, attacks="pgd20", progress=False)
+  assert set(again["robust_accuracy"]) == {"fgsm", "pgd20"}
+
+
+def test_bad_npz_datasets_are_one_line_each(tmp_path):
+  good = _npz_dataset(str(tmp_path / "good"), train=40, test=10)
+  train_images = np.load(os.path.join(good, "train.npz"))["images"]
+  train_labels = np.load(os.path.join(good, "train.npz"))["labels"]
+  cases = {
+      "no_dir": (None, "is not a directory"),
+      "no_test": ({"train": dict(images=train_images, labels=train_labels)},
+                  "test.npz does not exist"),
+      "float_images": ({"test": dict(images=train_images / 255.0, labels=train_labels)},
+                       "expected uint8 of shape (N, height, width, channels)"),
+      "no_labels": ({"test": dict(images=train_images)}, "has no 'labels' array"),
+      "few_labels": ({"test": dict(images=train_images, labels=train_labels[:-1])},
+                     "one per image"),
+      "negative": ({"test": dict(images=train_images, labels=train_labels - 1)},
+                   "labels are class indices"),
+      "unseen_class": ({"test": dict(images=train_images, labels=train_labels + 1)},
+                       "every class needs training images"),
+      "other_shape": ({"test": dict(images=train_images[:, :4], labels=train_labels)},
+                      "both splits need one image shape"),
+  }
+  for case, (arrays, expected) in cases.items():
+    directory = str(tmp_path / case)
+    if arrays is not None:
+      os.makedirs(directory)
+      for split in ("train", "test"):
+        np.savez(os.path.join(directory, f"{split}.npz"),
+                 **arrays.get(split, dict(images=train_images, labels=train_labels)))
+      if case == "no_test":
+        os.remove(os.path.join(directory, "test.npz"))
+    config = digits_config(**{"data.name": f"npz:{directory}"})
+    with pytest.raises(UserError, match=re.escape(expected)) as error:
+      input_pipeline.load_dataset(config.data)
+    assert "\n" not in str(error.value), case
+  with pytest.raises(UserError, match="npz:DIR"):
+    config_checks.validate(digits_config(**{"data.name": "no_such_dataset"}))
