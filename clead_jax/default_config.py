@@ -12,8 +12,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = "~/.cache/clead_jax/xla"
 
   config.data = ml_collections.ConfigDict()
-  # digits, fashion_mnist, cifar10, cifar100, svhn_cropped, or npz:DIR (DIR/train.npz and
-  # DIR/test.npz, each with uint8 NHWC "images" and integer "labels")
+  # digits, fashion_mnist, cifar10, cifar100, svhn_cropped, another TFDS image-classification
+  # dataset by name, or npz:DIR (DIR/train.npz and DIR/test.npz, each with uint8 NHWC "images"
+  # and integer "labels")
   config.data.name = "digits"
   config.data.data_dir = ""  # TFDS data_dir; empty means TFDS's default (~/tensorflow_datasets)
   config.data.download = True  # let TFDS download and prepare a missing dataset

@@ -9,6 +9,7 @@ on (seed, s): a resumed run sees exactly the batches the uninterrupted run would
 import collections
 import dataclasses
 import os
+import re
 import socket
 import sys
 from typing import Callable, Iterator
@@ -129,10 +130,72 @@ def tfds_builder(name, data_dir):
   return import_tfds().builder(name, data_dir=data_dir or None)
 
 
-def load_tfds(name: str, data_config) -> Dataset:
-  """Loads a TFDS image-classification dataset whole into host memory."""
+def _tfds_builder_or_error(tfds, name, data_dir):
+  try:
+    return tfds_builder(name, data_dir)
+  except Exception as e:  # pylint: disable=broad-except  (TFDS's not-found errors vary by version)
+    raise UserError(f"config.data.name={name!r} is neither one of {sorted(DATASETS)}, nor "
+                    f"npz:DIR, nor a dataset TFDS knows ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160]})") from None
+
+
+def _image_classification_info(builder, name):
+  """(num_classes, train split, test split) of a TFDS dataset with 'image' and 'label'
+  features; a UserError naming what is missing otherwise."""
   tfds = import_tfds()
-  builder = tfds_builder(name, data_config.data_dir)
+  features = builder.info.features
+  image = features["image"] if "image" in features else None
+  label = features["label"] if "label" in features else None
+  if (not isinstance(image, tfds.features.Image)
+      or not isinstance(label, tfds.features.ClassLabel)):
+    raise UserError(f"dataset {name!r} has features {sorted(features.keys())}; clead_jax needs an "
+                    "'image' (Image) and a 'label' (ClassLabel) feature")
+  if None in tuple(image.shape):
+    raise UserError(f"dataset {name!r} has images of varying size {tuple(image.shape)}; "
+                    "clead_jax needs one image shape (resize them into an npz:DIR dataset)")
+  splits = sorted(builder.info.splits.keys())
+  test = next((s for s in ("test", "validation") if s in splits), None)
+  if "train" not in splits or test is None:
+    raise UserError(f"dataset {name!r} has splits {splits}; clead_jax needs 'train' and 'test' "
+                    "(or 'validation')")
+  return label.num_classes, "train", test
+
+
+STATS_FILE = "clead_jax_channel_stats.json"  # beside a TFDS dataset's files
+
+
+def channel_stats(images, directory=None):
+  """Per-channel (mean, std) of uint8 images in [0, 1] units; cached as DIR/STATS_FILE when a
+  directory is given (computed on the training split once)."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, STATS_FILE) if directory else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    return tuple(cached["mean"]), tuple(cached["std"])
+  total, squares, count = 0.0, 0.0, 0
+  for start in range(0, len(images), 4096):  # in chunks: float64 copies of CIFAR would be 1 GB
+    pixels = images[start:start + 4096].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    total, squares = total + pixels.sum(0), squares + (pixels ** 2).sum(0)
+    count += len(pixels)
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean ** 2, 1e-6))
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if path:
+    try:
+      with open(path + ".tmp", "w") as f:
+        json.dump({"mean": mean, "std": std, "of": "the training split, pixels / 255"}, f)
+      os.replace(path + ".tmp", path)
+    except OSError:
+      pass  # a read-only data directory: computed again next time
+  return mean, std
+
+
+def load_tfds(name: str, data_config) -> Dataset:
+  """Loads a TFDS image-classification dataset whole into host memory: one of DATASETS, or any
+  other with 'image' and 'label' features (classes, shape and splits from the builder's info)."""
+  tfds = import_tfds()
+  builder = _tfds_builder_or_error(tfds, name, data_config.data_dir)
   if not builder.is_prepared():
     where = os.path.dirname(os.path.dirname(builder.data_dir))
     if not data_config.download:
@@ -150,16 +213,16 @@ def load_tfds(name: str, data_config) -> Dataset:
       raise UserError(f"dataset {name!r} could not be downloaded into {where} "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       f"{_supply(name, where)}") from e
-  splits = tfds.as_numpy(builder.as_dataset(split=["train", "test"], batch_size=-1,
+  num_classes, train_split, test_split = _image_classification_info(builder, name)
+  splits = tfds.as_numpy(builder.as_dataset(split=[train_split, test_split], batch_size=-1,
                                             shuffle_files=False))
   (train, test) = splits
-  num_classes = builder.info.features["label"].num_classes
-  mean, std = _STATS[name]
+  mean, std = _STATS[name] if name in _STATS else channel_stats(train["image"], builder.data_dir)
   return Dataset(name, train["image"], train["label"].astype(np.int32), test["image"],
                  test["label"].astype(np.int32), num_classes, mean, std)
 
 
-# --- your own arrays: config.data.name = "npz:DIR" -------------------------------------------------
+# --- your own arrays: config.data.name = "npz:DIR" ----------------------------------------------
 
 NPZ_PREFIX = "npz:"
 NPZ_SPLITS = ("train", "test")
@@ -222,11 +285,17 @@ def load_npz(data_config) -> Dataset:
                  tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
+# A TFDS name: dataset, optionally /config and :version (TFDS says whether it knows it on load).
+_TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9.*]+)?")
+
+
 def check_name(name: str, field: str = "config.data.name"):
-  """A known dataset or npz:DIR (checked when it is loaded); otherwise a UserError."""
-  if name not in DATASETS and not name.startswith(NPZ_PREFIX):
-    raise UserError(f"{field}={name!r} is unknown; choose one of {sorted(DATASETS)}, or "
-                    "npz:DIR for a directory holding train.npz and test.npz")
+  """A known dataset, npz:DIR or a TFDS name (the last two checked when loaded)."""
+  if (name not in DATASETS and not name.startswith(NPZ_PREFIX)
+      and not _TFDS_NAME.fullmatch(name)):
+    raise UserError(f"{field}={name!r} is unknown; choose one of {sorted(DATASETS)}, "
+                    "npz:DIR for a directory holding train.npz and test.npz, or the name of a "
+                    "TFDS image-classification dataset")
 
 
 # The dataset registry: config.data.name -> loader(data_config).
@@ -242,8 +311,9 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 def load_dataset(data_config) -> Dataset:
   """The dataset, with the validation split held out and the training split cut as configured."""
   check_name(data_config.name)
-  loader = (load_npz if data_config.name.startswith(NPZ_PREFIX)
-            else DATASETS[data_config.name])
+  name = data_config.name
+  loader = (load_npz if name.startswith(NPZ_PREFIX) else DATASETS.get(name)
+            or (lambda dc: load_tfds(name, dc)))
   return split_validation(loader(data_config),
                           data_config.get("validation_size", 0), data_config.get("train_size", -1))
 

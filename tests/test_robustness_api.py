@@ -2,7 +2,9 @@
 per-example results as the evaluate command, and the README's examples run as written."""
 
 import functools
+import glob
 import inspect
+import json
 import os
 import re
 
@@ -218,9 +220,10 @@ def test_readme_example_runs_and_equals_the_runner(index, capsys):
   assert capsys.readouterr().out  # the example prints its result
   result = namespace["result"]
   identity = result.report["evaluation"]
-  images, labels = robustness._checked_arrays(namespace["images"], namespace["labels"])  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  images, labels = robustness._checked_arrays(namespace["images"], namespace["labels"])
   runner = autoattack_runner.Runner(
-      robustness._apply_fn(namespace["logits_fn"], True), parallel.make_mesh(),  # pylint: disable=protected-access
+      robustness._apply_fn(namespace["logits_fn"], True), parallel.make_mesh(),
       identity["norm"], 512, identity["seed"], **identity["autoattack_settings"])
   expected = runner.run(namespace["params"], images, labels, identity["epsilon"])
   np.testing.assert_array_equal(result.flags["clean"], expected.clean)
@@ -294,4 +297,88 @@ def test_bad_npz_datasets_are_one_line_each(tmp_path):
       input_pipeline.load_dataset(config.data)
     assert "\n" not in str(error.value), case
   with pytest.raises(UserError, match="npz:DIR"):
-    config_checks.validate(digits_config(**{"data.name": "no_such_dataset"}))
+    config_checks.validate(digits_config(**{"data.name": "my data"}))
+
+
+# --- any TFDS image-classification dataset ---------------------------------------------------------
+
+_BUILDERS = {}
+
+
+def _tfds_builders():
+  """Two TFDS datasets clead_jax does not list, made from scikit-learn's digits (real images on
+  every machine, no network): one fit for training, one without labels."""
+  if _BUILDERS:
+    return _BUILDERS
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  tfds = input_pipeline.import_tfds()
+  digits = load_digits()
+  images = np.round(digits.images[..., None] * (255 / 16)).astype(np.uint8)
+
+  class CleadTestDigits(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    FEATURES = {"image": tfds.features.Image(shape=(8, 8, 1)),
+                "label": tfds.features.ClassLabel(num_classes=10)}
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self,
+                                   features=tfds.features.FeaturesDict(self.FEATURES))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(0, 300), "test": self._generate_examples(300, 360)}
+
+    def _generate_examples(self, start, end):  # pylint: disable=arguments-differ
+      for i in range(start, end):
+        example = {"image": images[i], "label": int(digits.target[i])}
+        yield i, {key: example[key] for key in self.FEATURES}
+
+  class CleadTestUnlabelled(CleadTestDigits):
+    FEATURES = {"image": tfds.features.Image(shape=(8, 8, 1))}
+
+  _BUILDERS.update(good="clead_test_digits", unlabelled="clead_test_unlabelled")
+  assert {CleadTestDigits.name, CleadTestUnlabelled.name} == set(_BUILDERS.values())
+  return _BUILDERS
+
+
+def test_a_tfds_dataset_clead_jax_does_not_list_trains_and_evaluates(tmp_path):
+  from clead_jax import train  # pylint: disable=g-import-not-at-top
+  name = _tfds_builders()["good"]
+  assert name not in input_pipeline.DATASETS
+  data_dir = str(tmp_path / "tfds")
+  config = digits_config(**{"data.name": name, "data.data_dir": data_dir, "model.width": 4,
+                            "eval.curve_points": 0, "eval.attacks": "fgsm",
+                            "eval.num_examples": 30, "train.batch_size": 64})
+  config_checks.validate(config)
+  dataset = input_pipeline.load_dataset(config.data)  # prepared here: generated, no download
+  assert (dataset.num_classes, dataset.image_shape, len(dataset.test_labels)) == (10, (8, 8, 1),
+                                                                                 60)
+  stats = glob.glob(os.path.join(data_dir, name, "*", input_pipeline.STATS_FILE))
+  assert len(stats) == 1
+  pixels = dataset.train_images.astype(np.float64) / 255.0
+  np.testing.assert_allclose(dataset.mean, [pixels.mean()], rtol=1e-6)
+  np.testing.assert_allclose(dataset.std, [pixels.std()], rtol=1e-6)
+  with open(stats[0], "w") as f:  # computed once: the cached numbers are the ones used
+    json.dump({"mean": [0.25], "std": [0.5]}, f)
+  assert input_pipeline.load_dataset(config.data).mean == (0.25,)
+  workdir = str(tmp_path / "run")
+  trained = train.train_and_evaluate(config, workdir)
+  assert trained["dataset"] == name and "fgsm" in trained["robust_accuracy"]
+  again = workdir_lib.evaluate_workdir(workdir, attacks="pgd20", progress=False)
+  assert set(again["robust_accuracy"]) == {"fgsm", "pgd20"}
+
+
+def test_unsuitable_tfds_datasets_are_one_line_each(tmp_path):
+  builders = _tfds_builders()
+  data_dir = str(tmp_path / "tfds")
+  cases = ((builders["unlabelled"], True, "needs an 'image' (Image) and a 'label' (ClassLabel)"),
+           (builders["good"], False, "is not prepared in"),
+           ("no_such_tfds_dataset_here", True, "nor a dataset TFDS knows"))
+  for name, download, expected in cases:
+    config = digits_config(**{"data.name": name, "data.data_dir": data_dir,
+                              "data.download": download})
+    with pytest.raises(UserError, match=re.escape(expected)) as error:
+      input_pipeline.load_dataset(config.data)
+    assert "\n" not in str(error.value) and name in str(error.value)
+  with pytest.raises(UserError, match="TFDS image-classification dataset"):
+    config_checks.validate(digits_config(**{"data.name": "Not A Name!"}))
