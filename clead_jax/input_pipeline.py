@@ -130,12 +130,12 @@ def tfds_builder(name, data_dir):
   return import_tfds().builder(name, data_dir=data_dir or None)
 
 
-def _tfds_builder_or_error(tfds, name, data_dir):
+def _tfds_builder_or_error(name, data_dir):
   try:
     return tfds_builder(name, data_dir)
   except Exception as e:  # pylint: disable=broad-except  (TFDS's not-found errors vary by version)
-    raise UserError(f"config.data.name={name!r} is neither one of {sorted(DATASETS)}, nor "
-                    f"npz:DIR, nor a dataset TFDS knows ({type(e).__name__}: "
+    raise UserError(f"config.data.name={name!r} is unknown; choose one of {sorted(DATASETS)}, "
+                    f"npz:DIR, or a dataset TFDS knows ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:160]})") from None
 
 
@@ -195,7 +195,7 @@ def load_tfds(name: str, data_config) -> Dataset:
   """Loads a TFDS image-classification dataset whole into host memory: one of DATASETS, or any
   other with 'image' and 'label' features (classes, shape and splits from the builder's info)."""
   tfds = import_tfds()
-  builder = _tfds_builder_or_error(tfds, name, data_config.data_dir)
+  builder = _tfds_builder_or_error(name, data_config.data_dir)
   if not builder.is_prepared():
     where = os.path.dirname(os.path.dirname(builder.data_dir))
     if not data_config.download:
@@ -285,14 +285,24 @@ def load_npz(data_config) -> Dataset:
                  tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
-# A TFDS name: dataset, optionally /config and :version (TFDS says whether it knows it on load).
+# A TFDS name: dataset, optionally /config and :version.
 _TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9.*]+)?")
 
 
+def _tfds_knows(name):
+  """Whether TFDS has a builder of that name (imports TFDS: only for names not listed here)."""
+  if not _TFDS_NAME.fullmatch(name):
+    return False
+  try:
+    import_tfds().builder_cls(re.split("[/:]", name)[0])
+    return True
+  except Exception:  # pylint: disable=broad-except  (TFDS's not-found errors vary by version)
+    return False
+
+
 def check_name(name: str, field: str = "config.data.name"):
-  """A known dataset, npz:DIR or a TFDS name (the last two checked when loaded)."""
-  if (name not in DATASETS and not name.startswith(NPZ_PREFIX)
-      and not _TFDS_NAME.fullmatch(name)):
+  """A listed dataset, npz:DIR (checked when it is loaded) or a dataset TFDS knows."""
+  if name not in DATASETS and not name.startswith(NPZ_PREFIX) and not _tfds_knows(name):
     raise UserError(f"{field}={name!r} is unknown; choose one of {sorted(DATASETS)}, "
                     "npz:DIR for a directory holding train.npz and test.npz, or the name of a "
                     "TFDS image-classification dataset")

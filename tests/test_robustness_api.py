@@ -373,12 +373,13 @@ def test_unsuitable_tfds_datasets_are_one_line_each(tmp_path):
   data_dir = str(tmp_path / "tfds")
   cases = ((builders["unlabelled"], True, "needs an 'image' (Image) and a 'label' (ClassLabel)"),
            (builders["good"], False, "is not prepared in"),
-           ("no_such_tfds_dataset_here", True, "nor a dataset TFDS knows"))
+           ("no_such_tfds_dataset_here", True, "or the name of a TFDS image-classification"))
   for name, download, expected in cases:
     config = digits_config(**{"data.name": name, "data.data_dir": data_dir,
                               "data.download": download})
     with pytest.raises(UserError, match=re.escape(expected)) as error:
       input_pipeline.load_dataset(config.data)
     assert "\n" not in str(error.value) and name in str(error.value)
-  with pytest.raises(UserError, match="TFDS image-classification dataset"):
-    config_checks.validate(digits_config(**{"data.name": "Not A Name!"}))
+  for unknown in ("Not A Name!", "no_such_tfds_dataset_here", "mnist_typo"):
+    with pytest.raises(UserError, match="is unknown.*TFDS image-classification dataset"):
+      config_checks.validate(digits_config(**{"data.name": unknown}))
