@@ -1,6 +1,10 @@
 """Datasets held in host memory, a deterministic global-batch order, per-process shards,
 host-to-device prefetch, and on-device augmentation.
 
+Datasets (config.data.name): the five listed in DATASETS; any other TFDS image-classification
+dataset by name (classes and splits from its info, channel statistics computed once and cached
+beside its files); and npz:DIR, a user's own uint8 arrays in DIR/train.npz and DIR/test.npz.
+
 Every supported dataset fits in host memory (CIFAR-10/100: 180 MB, SVHN: 240 MB as uint8), so
 the whole split is loaded once and batches are drawn by index. The order of step s depends only
 on (seed, s): a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -8,6 +12,7 @@ on (seed, s): a resumed run sees exactly the batches the uninterrupted run would
 
 import collections
 import dataclasses
+import json
 import os
 import re
 import socket
@@ -167,7 +172,6 @@ STATS_FILE = "clead_jax_channel_stats.json"  # beside a TFDS dataset's files
 def channel_stats(images, directory=None):
   """Per-channel (mean, std) of uint8 images in [0, 1] units; cached as DIR/STATS_FILE when a
   directory is given (computed on the training split once)."""
-  import json  # pylint: disable=g-import-not-at-top
   path = os.path.join(directory, STATS_FILE) if directory else None
   if path and os.path.exists(path):
     with open(path) as f:
@@ -279,10 +283,8 @@ def load_npz(data_config) -> Dataset:
     raise UserError(f"{field}: the training labels span {num_classes} class(es) and the test "
                     f"labels reach {int(test_labels.max())}; every class needs training images "
                     "(and at least two classes)")
-  pixels = train_images.reshape(-1, train_images.shape[-1]).astype(np.float64) / 255.0
-  mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-3)
   return Dataset(name, train_images, train_labels, test_images, test_labels, num_classes,
-                 tuple(float(m) for m in mean), tuple(float(s) for s in std))
+                 *channel_stats(train_images))
 
 
 # A TFDS name: dataset, optionally /config and :version.
