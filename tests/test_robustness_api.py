@@ -170,6 +170,9 @@ def test_evaluate_gives_the_evaluate_commands_flags(tmp_path, monkeypatch):
   assert result.report["robust_accuracy"] == cli["robust_accuracy"]
   assert result.report["indicators"]["fired"] == cli["indicators"]["fired"]
   assert 0 < result.clean_accuracy and "| autoattack |" in result.to_markdown()
+  print(f"AutoAttack seconds (compilation included): evaluate command "
+        f"{cli['attack_time_s']['autoattack']:.1f}, library "
+        f"{result.attack_time_s['autoattack']:.1f}; clean {result.clean_accuracy:.3f}, robust {result.robust_accuracy['autoattack']:.3f}")
 
 
 def test_state_dir_keeps_the_report_and_skips_what_was_measured(tmp_path, capsys):
@@ -300,7 +303,7 @@ def test_bad_npz_datasets_are_one_line_each(tmp_path):
     config_checks.validate(digits_config(**{"data.name": "my data"}))
 
 
-# --- any TFDS image-classification dataset ---------------------------------------------------------
+# --- any TFDS image-classification dataset ------------------------------------------------------
 
 _BUILDERS = {}
 
