@@ -172,7 +172,8 @@ def test_evaluate_gives_the_evaluate_commands_flags(tmp_path, monkeypatch):
   assert 0 < result.clean_accuracy and "| autoattack |" in result.to_markdown()
   print(f"AutoAttack seconds (compilation included): evaluate command "
         f"{cli['attack_time_s']['autoattack']:.1f}, library "
-        f"{result.attack_time_s['autoattack']:.1f}; clean {result.clean_accuracy:.3f}, robust {result.robust_accuracy['autoattack']:.3f}")
+        f"{result.attack_time_s['autoattack']:.1f}; clean {result.clean_accuracy:.3f}, "
+        f"robust {result.robust_accuracy['autoattack']:.3f}")
 
 
 def test_state_dir_keeps_the_report_and_skips_what_was_measured(tmp_path, capsys):
