@@ -387,3 +387,25 @@ def test_unsuitable_tfds_datasets_are_one_line_each(tmp_path):
   for unknown in ("Not A Name!", "no_such_tfds_dataset_here", "mnist_typo"):
     with pytest.raises(UserError, match="is unknown.*TFDS image-classification dataset"):
       config_checks.validate(digits_config(**{"data.name": unknown}))
+
+
+def test_clead_loss_is_the_training_methods():
+  """robustness.clead_loss on the logits and embeddings equals methods.clead_loss, the loss C-LEAD
+  trains with (the config's lam, clean_weight, temperature and positives)."""
+  from clead_jax import methods  # pylint: disable=g-import-not-at-top
+  config = digits_config(**{"model.width": 4, "loss.lam": 0.7, "loss.clean_weight": 0.3,
+                            "loss.positives": "class"})
+  network = models.build_network(config.model, 10, (0.5,), (0.25,))
+  rng = np.random.default_rng(0)
+  x = jax.numpy.asarray(rng.random((6, 8, 8, 1)).astype(np.float32))
+  x_adv = jax.numpy.clip(x + 0.1 * jax.numpy.asarray(rng.standard_normal(x.shape)), 0, 1)
+  y = jax.numpy.asarray([0, 1, 1, 2, 3, 0])
+  variables = network.init(jax.random.key(0), x, train=False)
+  expected, _ = methods.clead_loss(methods.Context(network, config), variables["params"],
+                                   variables["batch_stats"], x, x_adv, y)
+  both = jax.numpy.stack([x, x_adv], axis=1).reshape((-1,) + x.shape[1:])  # as the method pairs
+  (logits, z), _ = network.apply(variables, both, train=True, mutable=["batch_stats"])
+  ours = robustness.clead_loss(logits[0::2], logits[1::2], z[0::2], z[1::2], y, lam=0.7,
+                               clean_weight=0.3, temperature=config.loss.temperature,
+                               positives="class")
+  np.testing.assert_allclose(ours, expected, rtol=1e-5)
