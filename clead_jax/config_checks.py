@@ -28,7 +28,7 @@ def _at_least(value, bound, field, strict=False):
 
 def validate(config):
   _choice(config, "method", methods.METHODS)
-  _choice(config, "data.name", input_pipeline.DATASETS)
+  input_pipeline.check_name(config.data.name)
   _choice(config, "model.name", models.MODELS)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
   _choice(config, "attack.norm", attacks.NORMS)

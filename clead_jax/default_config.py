@@ -12,6 +12,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = "~/.cache/clead_jax/xla"
 
   config.data = ml_collections.ConfigDict()
+  # Also any other TFDS image-classification dataset by name, or npz:DIR: DIR/train.npz and
+  # DIR/test.npz, each with uint8 NHWC "images" and integer "labels" (README, "Your own arrays").
   config.data.name = "digits"  # digits, fashion_mnist, cifar10, cifar100, svhn_cropped
   config.data.data_dir = ""  # TFDS data_dir; empty means TFDS's default (~/tensorflow_datasets)
   config.data.download = True  # let TFDS download and prepare a missing dataset

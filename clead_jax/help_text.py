@@ -41,7 +41,7 @@ def _registries():
   from clead_jax import models
   from clead_jax.evaluation import suite
   return [("methods (config.method)", sorted(methods.METHODS)),
-          ("datasets (config.data.name)", sorted(input_pipeline.DATASETS)),
+          ("datasets (config.data.name)", sorted(input_pipeline.DATASETS) + ["npz:DIR"]),
           ("models (config.model.name)", sorted(models.MODELS)),
           ("attacks (config.eval.attacks, evaluate --attacks)", list(suite.ATTACK_NAMES))]
 

@@ -1,6 +1,10 @@
 """Datasets held in host memory, a deterministic global-batch order, per-process shards,
 host-to-device prefetch, and on-device augmentation.
 
+Datasets (config.data.name): the five listed in DATASETS; any other TFDS image-classification
+dataset by name (classes and splits from its info, channel statistics computed once and cached
+beside its files); and npz:DIR, a user's own uint8 arrays in DIR/train.npz and DIR/test.npz.
+
 Every supported dataset fits in host memory (CIFAR-10/100: 180 MB, SVHN: 240 MB as uint8), so
 the whole split is loaded once and batches are drawn by index. The order of step s depends only
 on (seed, s): a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -8,7 +12,9 @@ on (seed, s): a resumed run sees exactly the batches the uninterrupted run would
 
 import collections
 import dataclasses
+import json
 import os
+import re
 import socket
 import sys
 from typing import Callable, Iterator
@@ -129,10 +135,71 @@ def tfds_builder(name, data_dir):
   return import_tfds().builder(name, data_dir=data_dir or None)
 
 
-def load_tfds(name: str, data_config) -> Dataset:
-  """Loads a TFDS image-classification dataset whole into host memory."""
+def _tfds_builder_or_error(name, data_dir):
+  try:
+    return tfds_builder(name, data_dir)
+  except Exception as e:  # pylint: disable=broad-except  (TFDS's not-found errors vary by version)
+    raise UserError(f"config.data.name={name!r} is unknown; choose one of {sorted(DATASETS)}, "
+                    f"npz:DIR, or a dataset TFDS knows ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160]})") from None
+
+
+def _image_classification_info(builder, name):
+  """(num_classes, train split, test split) of a TFDS dataset with 'image' and 'label'
+  features; a UserError naming what is missing otherwise."""
   tfds = import_tfds()
-  builder = tfds_builder(name, data_config.data_dir)
+  features = builder.info.features
+  image = features["image"] if "image" in features else None
+  label = features["label"] if "label" in features else None
+  if (not isinstance(image, tfds.features.Image)
+      or not isinstance(label, tfds.features.ClassLabel)):
+    raise UserError(f"dataset {name!r} has features {sorted(features.keys())}; clead_jax needs an "
+                    "'image' (Image) and a 'label' (ClassLabel) feature")
+  if None in tuple(image.shape):
+    raise UserError(f"dataset {name!r} has images of varying size {tuple(image.shape)}; "
+                    "clead_jax needs one image shape (resize them into an npz:DIR dataset)")
+  splits = sorted(builder.info.splits.keys())
+  test = next((s for s in ("test", "validation") if s in splits), None)
+  if "train" not in splits or test is None:
+    raise UserError(f"dataset {name!r} has splits {splits}; clead_jax needs 'train' and 'test' "
+                    "(or 'validation')")
+  return label.num_classes, "train", test
+
+
+STATS_FILE = "clead_jax_channel_stats.json"  # beside a TFDS dataset's files
+
+
+def channel_stats(images, directory=None):
+  """Per-channel (mean, std) of uint8 images in [0, 1] units; cached as DIR/STATS_FILE when a
+  directory is given (computed on the training split once)."""
+  path = os.path.join(directory, STATS_FILE) if directory else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    return tuple(cached["mean"]), tuple(cached["std"])
+  total, squares, count = 0.0, 0.0, 0
+  for start in range(0, len(images), 4096):  # in chunks: float64 copies of CIFAR would be 1 GB
+    pixels = images[start:start + 4096].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    total, squares = total + pixels.sum(0), squares + (pixels ** 2).sum(0)
+    count += len(pixels)
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean ** 2, 1e-6))
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if path:
+    try:
+      with open(path + ".tmp", "w") as f:
+        json.dump({"mean": mean, "std": std, "of": "the training split, pixels / 255"}, f)
+      os.replace(path + ".tmp", path)
+    except OSError:
+      pass  # a read-only data directory: computed again next time
+  return mean, std
+
+
+def load_tfds(name: str, data_config) -> Dataset:
+  """Loads a TFDS image-classification dataset whole into host memory: one of DATASETS, or any
+  other with 'image' and 'label' features (classes, shape and splits from the builder's info)."""
+  tfds = import_tfds()
+  builder = _tfds_builder_or_error(name, data_config.data_dir)
   if not builder.is_prepared():
     where = os.path.dirname(os.path.dirname(builder.data_dir))
     if not data_config.download:
@@ -150,13 +217,97 @@ def load_tfds(name: str, data_config) -> Dataset:
       raise UserError(f"dataset {name!r} could not be downloaded into {where} "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       f"{_supply(name, where)}") from e
-  splits = tfds.as_numpy(builder.as_dataset(split=["train", "test"], batch_size=-1,
+  num_classes, train_split, test_split = _image_classification_info(builder, name)
+  splits = tfds.as_numpy(builder.as_dataset(split=[train_split, test_split], batch_size=-1,
                                             shuffle_files=False))
   (train, test) = splits
-  num_classes = builder.info.features["label"].num_classes
-  mean, std = _STATS[name]
+  mean, std = _STATS[name] if name in _STATS else channel_stats(train["image"], builder.data_dir)
   return Dataset(name, train["image"], train["label"].astype(np.int32), test["image"],
                  test["label"].astype(np.int32), num_classes, mean, std)
+
+
+# --- your own arrays: config.data.name = "npz:DIR" ----------------------------------------------
+
+NPZ_PREFIX = "npz:"
+NPZ_SPLITS = ("train", "test")
+
+
+def _read_npz_split(directory, split, field):
+  """(images, labels) of DIR/<split>.npz, checked: uint8 NHWC `images`, integer `labels`."""
+  path = os.path.join(directory, f"{split}.npz")
+  if not os.path.isfile(path):
+    raise UserError(f"{field}: {path} does not exist; an npz dataset is a directory holding "
+                    f"train.npz and test.npz, each with uint8 NHWC 'images' and integer 'labels'")
+  try:
+    with np.load(path, allow_pickle=False) as saved:
+      missing = [key for key in ("images", "labels") if key not in saved.files]
+      if missing:
+        raise UserError(f"{field}: {path} has no {' or '.join(repr(m) for m in missing)} array "
+                        f"(it has {sorted(saved.files)}); save it with np.savez(path, "
+                        "images=..., labels=...)")
+      images, labels = saved["images"], saved["labels"]
+  except (OSError, ValueError) as e:
+    raise UserError(f"{field}: {path} cannot be read as an npz file "
+                    f"({str(e).splitlines()[0][:200]})") from None
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise UserError(f"{field}: {path}: 'images' is {images.dtype} of shape {images.shape}; "
+                    "expected uint8 of shape (N, height, width, channels)")
+  if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
+    raise UserError(f"{field}: {path}: 'labels' is {labels.dtype} of shape {labels.shape}; "
+                    f"expected integers of shape ({len(images)},), one per image")
+  if len(labels) and labels.min() < 0:
+    raise UserError(f"{field}: {path}: 'labels' holds {labels.min()}; labels are class "
+                    "indices 0, 1, ..., num_classes - 1")
+  return images, labels.astype(np.int32)
+
+
+def load_npz(data_config) -> Dataset:
+  """DIR/train.npz and DIR/test.npz (config.data.name 'npz:DIR'); the classes are 0 .. the
+  largest training label, and the per-channel mean and std are the training split's."""
+  name = data_config.name
+  directory = os.path.expanduser(name[len(NPZ_PREFIX):])
+  field = f"config.data.name={name}"
+  if not os.path.isdir(directory):
+    raise UserError(f"{field}: {directory!r} is not a directory; give npz:DIR with DIR holding "
+                    "train.npz and test.npz")
+  (train_images, train_labels), (test_images, test_labels) = (
+      _read_npz_split(directory, split, field) for split in NPZ_SPLITS)
+  if not len(train_labels) or not len(test_labels):
+    raise UserError(f"{field}: train.npz holds {len(train_labels)} and test.npz "
+                    f"{len(test_labels)} images; each needs at least one")
+  if train_images.shape[1:] != test_images.shape[1:]:
+    raise UserError(f"{field}: train.npz images are {train_images.shape[1:]} but test.npz's are "
+                    f"{test_images.shape[1:]}; both splits need one image shape")
+  num_classes = int(train_labels.max()) + 1
+  if num_classes < 2 or test_labels.max() >= num_classes:
+    raise UserError(f"{field}: the training labels span {num_classes} class(es) and the test "
+                    f"labels reach {int(test_labels.max())}; every class needs training images "
+                    "(and at least two classes)")
+  return Dataset(name, train_images, train_labels, test_images, test_labels, num_classes,
+                 *channel_stats(train_images))
+
+
+# A TFDS name: dataset, optionally /config and :version.
+_TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9.*]+)?")
+
+
+def _tfds_knows(name):
+  """Whether TFDS has a builder of that name (imports TFDS: only for names not listed here)."""
+  if not _TFDS_NAME.fullmatch(name):
+    return False
+  try:
+    import_tfds().builder_cls(re.split("[/:]", name)[0])
+    return True
+  except Exception:  # pylint: disable=broad-except  (TFDS's not-found errors vary by version)
+    return False
+
+
+def check_name(name: str, field: str = "config.data.name"):
+  """A listed dataset, npz:DIR (checked when it is loaded) or a dataset TFDS knows."""
+  if name not in DATASETS and not name.startswith(NPZ_PREFIX) and not _tfds_knows(name):
+    raise UserError(f"{field}={name!r} is unknown; choose one of {sorted(DATASETS)}, "
+                    "npz:DIR for a directory holding train.npz and test.npz, or the name of a "
+                    "TFDS image-classification dataset")
 
 
 # The dataset registry: config.data.name -> loader(data_config).
@@ -171,10 +322,11 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 def load_dataset(data_config) -> Dataset:
   """The dataset, with the validation split held out and the training split cut as configured."""
-  if data_config.name not in DATASETS:
-    raise UserError(f"config.data.name={data_config.name!r} is unknown; "
-                    f"choose one of {sorted(DATASETS)}")
-  return split_validation(DATASETS[data_config.name](data_config),
+  check_name(data_config.name)
+  name = data_config.name
+  loader = (load_npz if name.startswith(NPZ_PREFIX) else DATASETS.get(name)
+            or (lambda dc: load_tfds(name, dc)))
+  return split_validation(loader(data_config),
                           data_config.get("validation_size", 0), data_config.get("train_size", -1))
 
 

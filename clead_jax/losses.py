@@ -1,4 +1,4 @@
-"""Loss functions: cross-entropy, margin (CW), TRADES KL and the vectorised InfoNCE.
+"""Loss functions: cross-entropy, margin (CW), TRADES KL, the vectorised InfoNCE and C-LEAD's.
 
 Per-example losses return shape (N,); the trainers average them.
 """
@@ -68,3 +68,12 @@ def info_nce(z_clean, z_adv, labels, temperature: float = 0.1, positives: str = 
   num_positives = jnp.sum(positive, axis=-1)
   per_anchor = -jnp.sum(jnp.where(positive, log_prob, 0.0), axis=-1) / jnp.maximum(num_positives, 1)
   return jnp.mean(per_anchor)
+
+
+def clead(logits_clean, logits_adv, z_clean, z_adv, labels, *, lam=1.0, clean_weight=1.0,
+          temperature=0.1, positives="pair"):
+  """C-LEAD's training loss (a scalar): CE(adv) + clean_weight CE(clean) + lam InfoNCE(z_clean,
+  z_adv), the CEs averaged over the batch; the defaults are config.loss's."""
+  return (jnp.mean(cross_entropy(logits_adv, labels))
+          + clean_weight * jnp.mean(cross_entropy(logits_clean, labels))
+          + lam * info_nce(z_clean, z_adv, labels, temperature, positives))

@@ -206,15 +206,19 @@ def to_markdown(report: dict) -> str:
       f"# Robustness report: {report['method']} on {report['dataset']} ({report['model']})",
       "",
       f"Threat model: {report['norm']}, epsilon = {eps:.6g}. "
-      f"{report['num_examples']} test examples; {report['steps']} training steps.",
+      f"{report['num_examples']} test examples"
+      # A model evaluated through clead_jax.robustness was not trained here.
+      + (f"; {report['steps']} training steps." if "steps" in report else "."),
   ]
   if checkpoint:
     lines += ["", f"Checkpoint: step {checkpoint['step']} ({checkpoint['rule']})."]
   evaluation = report.get("evaluation", {})
-  if "weights_fingerprint" in evaluation:
+  if evaluation.get("weights_fingerprint"):
+    # A model given to clead_jax.robustness.evaluate has no training config here.
+    config = evaluation.get("config_fingerprint")
     lines += ["", f"Weights fingerprint {evaluation['weights_fingerprint']}"
-              f"{' (' + report['weights'] + ' weights)' if report.get('weights') else ''}, "
-              f"training config fingerprint {evaluation['config_fingerprint']}."]
+              f"{' (' + report['weights'] + ' weights)' if report.get('weights') else ''}"
+              f"{', training config fingerprint ' + config if config else ''}."]
   lines += ["", "| attack | accuracy |", "|---|---|",
             f"| clean | {report.get('clean_accuracy', float('nan')):.4f} |"]
   for name, acc in report["robust_accuracy"].items():

@@ -5,6 +5,8 @@ checks.py. Each returns warnings (one line each, with counts) for the report:
     missed: the gradients mislead the white-box attacks (gradient masking).
   monotonicity_warnings: a stronger attack (more steps, restarts or stages) left a higher
     accuracy than a weaker one, or the robustness curve rises with epsilon.
+  settings_warnings: AutoAttack ran with settings other than the reference's (fewer iterations,
+    queries or targets): its numbers are not AutoAttack's.
   gradient_warnings: the input gradient of the loss is zero or non-finite on some points, where
     gradient-based attacks cannot work (saturated softmax, numerical trouble).
 """
@@ -25,6 +27,16 @@ STRONGER_THAN = (("fgsm", "pgd20"), ("pgd20", "pgd100"), ("pgd20", "autoattack")
                  ("pgd100", "autoattack"), ("cw", "autoattack"),
                  ("autoattack", "autoattack_plus"), ("pgd20", "autoattack_plus"),
                  ("pgd100", "autoattack_plus"), ("cw", "autoattack_plus"))
+
+
+def settings_warnings(settings, names):
+  """`settings`: what the Evaluator passed to autoattack.versions.stages(); `names`: the
+  AutoAttack versions that ran with them."""
+  if not settings or not names:
+    return []
+  given = ", ".join(f"{key}={value}" for key, value in sorted(settings.items()))
+  return [f"{', '.join(names)} ran with settings other than the reference's ({given}): a quick "
+          "look, weaker than AutoAttack; do not report these numbers as AutoAttack"]
 
 
 def black_box_warnings(results):

@@ -246,7 +246,7 @@ def _attack_indicators(evaluator, fn, variables, images, labels, indices, epsilo
 def _autoattack_settings(evaluator, name):
   """The settings of the Runner the evaluation used for `name` (tests shrink them)."""
   runner = evaluator._compiled.get(("autoattack", name))  # pylint: disable=protected-access
-  return dict(runner.settings) if runner is not None else {}
+  return dict(runner.settings) if runner is not None else dict(evaluator.autoattack_settings)
 
 
 def _model_indicators(evaluator, variables, images, labels, epsilon):

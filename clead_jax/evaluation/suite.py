@@ -71,17 +71,30 @@ class Surrogate:
 
 
 class Evaluator:
-  """Compiles one function per attack and maps it over a split (evaluation/sharded.py)."""
+  """Compiles one function per attack and maps it over a split (evaluation/sharded.py).
 
-  def __init__(self, network, mesh, norm, batch_size, seed):
-    self.network = models.in_float32(network)
+  The model is `network` (a models.Network, applied in inference mode and in float32) or, with
+  network=None, any `apply_fn(variables, x) -> (logits, embedding)` (the library's
+  clead_jax.robustness.evaluate). `autoattack_settings` go to autoattack.versions.stages()
+  (None: the reference's; smaller ones are reported as a warning).
+  """
+
+  def __init__(self, network, mesh, norm, batch_size, seed, *, apply_fn=None,
+               autoattack_settings=None):
+    if (network is None) == (apply_fn is None):
+      raise ValueError("Evaluator takes a network or an apply_fn, not both or neither")
+    self.network = None if network is None else models.in_float32(network)
+    self._apply_fn = apply_fn
     self.mesh = mesh
     self.norm = norm
     self.seed = seed
     self.batch_size = sharded.round_up_to_devices(batch_size, mesh.devices.size)
+    self.autoattack_settings = dict(autoattack_settings or {})
     self._compiled = {}
 
   def apply(self, variables, x):
+    if self._apply_fn is not None:
+      return self._apply_fn(variables, x)
     return self.network.apply(variables, x, train=False)
 
   def _jit(self, fn, num_args):
@@ -149,7 +162,8 @@ class Evaluator:
     """autoattack_runner.Result (per-example flags after each stage) of a version by name."""
     if ("autoattack", name) not in self._compiled:
       self._compiled["autoattack", name] = autoattack_runner.Runner(
-          self.apply, self.mesh, self.norm, self.batch_size, self.seed, name)
+          self.apply, self.mesh, self.norm, self.batch_size, self.seed, name,
+          **self.autoattack_settings)
     return self._compiled["autoattack", name].run(variables, images, labels, epsilon, progress,
                                                   state_path=state_path, identity=identity)
 
@@ -222,7 +236,9 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
   white_box = {k: v for k, v in data["robust_accuracy"].items()
                if k.split("/")[0] not in data["transfer_attacks"]}
   report.set(warnings=(
-      checks.black_box_warnings(autoattack_results)
+      checks.settings_warnings(evaluator.autoattack_settings,
+                               [r.name for r in autoattack_results])
+      + checks.black_box_warnings(autoattack_results)
       + checks.monotonicity_warnings(white_box, data.get("robustness_curve"), len(labels))
       + checks.gradient_warnings(*evaluator.input_gradient_flags(variables, images, labels))),
       indicators=indicators.compute(evaluator, variables, images, labels, epsilon=epsilon,
