@@ -309,3 +309,59 @@ def test_apgd_follows_the_transcribed_reference(norm, loss, epsilon):
   assert 0 < fooled.sum() < len(y)
   # The documented difference changes no example's outcome here.
   assert differs_from_reference == 0
+
+
+# --- the cross-check reads every stage's line or says why not -------------------------------------
+
+class _Reworded(logging.Filter):
+  """Rewords the reference's line for one stage, as a new pyautoattack might."""
+
+  def __init__(self, stage):
+    super().__init__()
+    self.stage = stage
+
+  def filter(self, record):
+    if f"after {self.stage}:" in record.getMessage():
+      record.msg, record.args = record.getMessage().replace("accuracy after", "accuracy following"), ()
+    return True
+
+
+@pytest.fixture
+def reworded():
+  """reworded(STAGE): the reference's 'robust accuracy after STAGE' line gets other words."""
+  logger, added = logging.getLogger("auto-attack"), []
+
+  def add(stage):
+    added.append(_Reworded(stage))
+    logger.addFilter(added[-1])
+
+  yield add
+  for f in added:
+    logger.removeFilter(f)
+
+
+def _reference_on_the_mlp(epsilon, n=20):
+  from clead_jax import crosscheck  # pylint: disable=g-import-not-at-top
+  variables, x, y = mlp_problem(n, seed=1)
+  return crosscheck.reference_autoattack(TorchMLP(variables), x, y, epsilon=epsilon, norm="linf",
+                                         version="custom", attacks=["apgd-ce", "apgd-t"],
+                                         apgd_restarts=1)
+
+
+def test_crosscheck_reads_each_stage_of_the_reference(reworded):
+  """Every stage's line is read, and the last agrees with the per-example result. A stage whose
+  line cannot be read is an error that names it, not a stage left out of the table (the
+  per-stage comparison of tests/test_torch.py skips a stage whose reference value is None)."""
+  robust, after, _ = _reference_on_the_mlp(0.01)
+  assert list(after) == ["apgd-ce", "apgd-t"] and 0 < robust.mean() <= after["apgd-ce"] < 1
+  assert after["apgd-t"] == pytest.approx(robust.mean(), abs=1e-4)
+  reworded("APGD-T")
+  with pytest.raises(RuntimeError, match=r"no line 'robust accuracy after APGD-T: \.\.\.%'"):
+    _reference_on_the_mlp(0.01)
+
+
+def test_crosscheck_fills_in_stages_the_reference_skipped():
+  """Once no point is robust the reference skips the remaining stages without a line: they are
+  0, not an error."""
+  robust, after, _ = _reference_on_the_mlp(0.3)
+  assert not robust.any() and after == {"apgd-ce": 0.0, "apgd-t": 0.0}
