@@ -365,3 +365,288 @@ def test_crosscheck_fills_in_stages_the_reference_skipped():
   0, not an error."""
   robust, after, _ = _reference_on_the_mlp(0.3)
   assert not robust.any() and after == {"apgd-ce": 0.0, "apgd-t": 0.0}
+
+
+# --- strength: untargeted FAB, `plus` and `rand` --------------------------------------------------
+
+def _linear():
+  from tests import test_autoattack  # pylint: disable=g-import-not-at-top
+  return test_autoattack
+
+
+@pytest.fixture
+def one_torch_thread():
+  """The reference on a tiny model: PyTorch's threads cost more than they bring."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+def reference_robust(module, x, y, *, epsilon, norm, version, attacks=None, seed=0, **settings):
+  """Per-example robust flags of pyautoattack's AutoAttack; settings: 'square.n_queries' etc."""
+  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+  attack = AutoAttack(module, norm={"linf": "Linf", "l2": "L2"}[norm], eps=float(epsilon),
+                      version=version, attacks=attacks, seed=seed, device="cpu")
+  for name, value in settings.items():
+    owner, field = name.split(".")
+    setattr(getattr(attack, owner), field, value)
+  x_t, y_t = to_nchw(x), torch.as_tensor(np.asarray(y, np.int64))
+  with torch.no_grad():
+    clean = module(x_t).argmax(1) == y_t
+  _, y_adv = attack.run_standard_evaluation(x_t, y_t, batch_size=len(y))
+  return ((y_adv == y_t) & clean).numpy()
+
+
+def _ours_robust(apply_fn, variables, x, y, **kwargs):
+  flags = jax.jit(functools.partial(versions.autoattack_flags, apply_fn, **kwargs))(
+      variables, jnp.asarray(x), jnp.asarray(y), example_keys(len(y)))
+  return np.asarray(flags.robust_after)
+
+
+@pytest.mark.parametrize("norm,epsilon", [("linf", 0.05), ("l2", 0.15)])
+def test_untargeted_fab_finds_exactly_the_points_that_can_be_fooled(norm, epsilon):
+  """Untargeted FAB (one run from the clean point, as the plus version's first restart) on the
+  linear classifier of tests/test_autoattack.py: robust exactly where the closed form says so."""
+  t = _linear()
+  variables, x, y = t.linear_problem(n=200)
+  robust, decided = t.exact_robust(variables, x, y, epsilon, norm)
+  assert 0.1 < robust.mean() < 0.95
+  attack = jax.jit(functools.partial(fab.fab, t.linear_apply, epsilon=epsilon, norm=norm,
+                                     targeted=False), compiler_options=t.FAST_COMPILE)
+  survived = t._predict(variables, attack(variables, x, y, example_keys(len(y)))) == y  # pylint: disable=protected-access
+  wrong = np.flatnonzero((survived != robust) & decided)
+  assert len(wrong) <= 1, (wrong, survived[decided].mean(), robust[decided].mean())
+
+
+def test_plus_is_never_weaker_than_the_reference(one_torch_thread):  # pylint: disable=redefined-outer-name,unused-argument
+  """AutoAttack plus (APGD-CE and APGD-DLR with 5 restarts, FAB with 5, Square, APGD-T, FAB-T),
+  ours and the reference's on the same MLP and points, Square cut to 1,000 queries in both: ours
+  leaves at most one example more robust, after every stage and at the end."""
+  variables, x, y = mlp_problem(100, seed=2)
+  epsilon = 0.012
+  ours = _ours_robust(mlp_apply, variables, x, y, epsilon=epsilon, norm="linf", version="plus",
+                      n_queries=1000)
+  reference = reference_robust(TorchMLP(variables), x, y, epsilon=epsilon, norm="linf",
+                               version="plus", **{"square.n_queries": 1000})
+  assert 0.1 < reference.mean() < 0.9  # something for every stage to do
+  assert ours[-1].sum() <= reference.sum() + 1, (ours.sum(-1), reference.sum())
+
+
+def obfuscated_apply(variables, x, keys):
+  """The linear classifier plus a random term whose value is at most 1e-4 but whose input
+  gradient, a ω cos(ω x.v_k + φ_k) v_k, is several times the linear part's and changes sign
+  with the random phase φ: one sample's gradient points nowhere, their mean (EoT) recovers w."""
+  logits, _ = _linear().linear_apply(variables, x)
+  phases = jax.vmap(lambda k: jax.random.uniform(k, (logits.shape[-1],), maxval=2 * jnp.pi))(keys)
+  x_flat = x.reshape(x.shape[0], -1)
+  noise = OBFUSCATION_SIZE * jnp.sin(OBFUSCATION_FREQUENCY * x_flat @ variables["v"] + phases)
+  return logits + noise, logits
+
+
+OBFUSCATION_SIZE, OBFUSCATION_FREQUENCY = 1e-4, 4e4
+
+
+class TorchObfuscated(torch.nn.Module):
+  """obfuscated_apply in PyTorch (a fresh phase per call and example)."""
+
+  def __init__(self, variables):
+    super().__init__()
+    self.params = {k: torch.as_tensor(np.asarray(v)) for k, v in variables.items()}
+
+  def forward(self, x):
+    x_flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    logits = x_flat @ self.params["w"] + self.params["b"]
+    phases = 2 * np.pi * torch.rand(x.shape[0], logits.shape[-1])
+    return logits + OBFUSCATION_SIZE * torch.sin(
+        OBFUSCATION_FREQUENCY * x_flat @ self.params["v"] + phases)
+
+
+def _obfuscated_problem(n=100):
+  t = _linear()
+  variables, x, y = t.linear_problem(n=n)
+  rng = np.random.default_rng(5)
+  v = rng.normal(size=variables["w"].shape).astype(np.float32)
+  return {**variables, "v": jnp.asarray(v)}, x, y
+
+
+def test_rand_sees_through_random_gradients(one_torch_thread):  # pylint: disable=redefined-outer-name,unused-argument
+  """AutoAttack rand (APGD-CE and APGD-DLR, EoT over 20 samples) on the linear classifier with a
+  randomised, gradient-obfuscating term: robust where the closed form says so (the term moves a
+  logit by at most 1e-4), within one example, and never weaker than the reference by more than
+  one example on the same points. With one sample per gradient (no EoT) ours leaves 9 of 100
+  points more robust than the closed form."""
+  t = _linear()
+  variables, x, y = _obfuscated_problem()
+  epsilon = 0.05
+  robust, decided = t.exact_robust({"w": variables["w"], "b": variables["b"]}, x, y, epsilon,
+                                   "linf")
+  ours = _ours_robust(obfuscated_apply, variables, x, y, epsilon=epsilon, norm="linf",
+                      version="rand", stochastic=True)[-1]
+  assert 0.1 < robust.mean() < 0.9
+  assert np.sum(ours & ~robust & decided) <= 1, (ours.sum(), robust.sum())
+  assert not np.any(~ours & robust & decided)
+  torch.manual_seed(0)
+  reference = reference_robust(TorchObfuscated(variables), x, y, epsilon=epsilon, norm="linf",
+                               version="rand")
+  assert ours.sum() <= reference.sum() + 1, (ours.sum(), reference.sum())
+
+
+# --- a composition in which only Square can fool some points --------------------------------------
+
+LEVELS = 16  # the staircase's steps per unit
+
+
+def staircase_apply(variables, x):
+  """The linear classifier, but on a staircase of the input (zero gradient) where the first pixel
+  is above 0.5: on those points the white-box attacks only see their random starts. The first
+  pixel has no weight and stays on its side of 0.5 within epsilon."""
+  x_flat = x.reshape(x.shape[0], -1)
+  masked = x_flat[:, :1] > 0.5
+  x_used = jnp.where(masked, jnp.round(x_flat * LEVELS) / LEVELS, x_flat)
+  logits = x_used @ variables["w"] + variables["b"]
+  return logits, logits
+
+
+def staircase_problem(n=100):
+  t = _linear()
+  variables, x, y = t.linear_problem(n=n)
+  variables = {"w": variables["w"].at[0].set(0.0), "b": variables["b"]}
+  x = x.copy()
+  x.reshape(n, -1)[:, 0] = np.where(np.arange(n) % 2 == 0, 0.75, 0.25)  # every other one masked
+  y = np.asarray(jnp.argmax(staircase_apply(variables, jnp.asarray(x))[0], -1), np.int32)
+  return variables, x, y
+
+
+def staircase_exact_robust(variables, x, y, epsilon):
+  """Robust iff for every j != y the least margin over the L-inf ball is positive. On the
+  staircase, the margin is sum_i (w_y - w_j)_i q(x_i + d_i) + b_y - b_j with q monotone, so each
+  coordinate's least term is at an end of its interval (both ends within [0, 1] here)."""
+  w, b = np.asarray(variables["w"], np.float64), np.asarray(variables["b"], np.float64)
+  x_flat = x.reshape(len(y), -1).astype(np.float64)
+  masked = x_flat[:, 0] > 0.5
+  q = lambda v: np.where(masked[:, None], np.round(v * LEVELS) / LEVELS, v)
+  low, high = q(x_flat - epsilon), q(x_flat + epsilon)
+  dw = w.T[y][:, None, :] - w.T[None, :, :]  # (n, K, d)
+  least = np.minimum(dw * low[:, None, :], dw * high[:, None, :]).sum(-1) + (
+      b[y][:, None] - b[None, :])
+  least[np.arange(len(y)), y] = np.inf
+  return least.min(-1) > 0, masked
+
+
+def test_only_square_fools_the_points_behind_a_staircase():
+  """AutoAttack standard on a model whose gradient is zero on half of the points: there APGD-CE,
+  APGD-T and FAB-T fool only what their random starts happen to fool, and Square must fool the
+  rest: it fools at least 90% of the points that can be fooled and that every earlier stage
+  missed. A Square broken inside the composition fails here."""
+  t = _linear()
+  variables, x, y = staircase_problem()
+  epsilon = 0.07
+  robust, masked = staircase_exact_robust(variables, x, y, epsilon)
+  robust_after = _ours_robust(staircase_apply, variables, x, y, epsilon=epsilon, norm="linf",
+                              version="standard", n_queries=1000)
+  white_box, final = robust_after[2], robust_after[3]
+  assert 0.1 < robust.mean() < 0.9
+  assert not np.any(~final & robust)  # nothing robust was fooled (the closed form is exact)
+  left_for_square = white_box & ~robust
+  assert left_for_square[masked].sum() >= 5 and not left_for_square[~masked].any()
+  # Square is a random search: it fools 26 of the 28 points left to it here (5,000 queries fool
+  # no more than 1,000); the white-box stages fool none of them.
+  fooled_by_square = left_for_square & ~final
+  assert fooled_by_square.sum() >= 0.9 * left_for_square.sum(), (robust_after.sum(-1),
+                                                                 robust.sum())
+
+
+# --- several seeds of single stages on the trained digits models (slow) ---------------------------
+
+# Our stages alone and the reference's: (name, our apgd.apgd settings, the reference's attack).
+SEEDED_STAGES = (("apgd_ce", dict(loss="ce"), "apgd-ce"),
+                 ("apgd_t", dict(loss="dlr", targeted=True), "apgd-t"))
+
+
+def stages_over_seeds(workdir, seeds=range(5), num_examples=None):
+  """{stage: [(ours, reference), ...]}: robust examples after each stage alone, one pair per seed,
+  on the first num_examples test points (default all) of a finished training workdir."""
+  # pylint: disable=g-import-not-at-top
+  from clead_jax import crosscheck
+  from clead_jax import input_pipeline
+  from clead_jax import parallel
+  from clead_jax import torch_weights
+  from clead_jax import train_state
+  from clead_jax.evaluation import workdir as workdir_lib
+  config = workdir_lib.load_config(workdir)
+  dataset = input_pipeline.load_dataset(config.data)
+  model = train_state.build(config, dataset)
+  state, _, _ = workdir_lib.restore_checkpoint(workdir, config, model, parallel.make_mesh())
+  variables = jax.device_get(state.variables)
+  arch = torch_weights.architecture(config.model, dataset.image_shape, dataset.num_classes)
+  module = torch_weights.torch_module(arch, dataset.mean, dataset.std,
+                                      torch_weights.to_torch(config.model, variables)[0])
+  n = num_examples or len(dataset.test_labels)
+  x = np.asarray(input_pipeline.to_float(dataset.test_images[:n]), np.float32)
+  y = np.asarray(dataset.test_labels[:n])
+  apply_fn = lambda v, xx: model.network.apply(v, xx, train=False)
+  epsilon, norm = config.attack.epsilon, config.attack.norm
+  predict = jax.jit(lambda v, xx: jnp.argmax(apply_fn(v, xx)[0], -1))
+  clean = np.asarray(predict(variables, x)) == y
+  counts = {}
+  for name, settings, reference_name in SEEDED_STAGES:
+    attack = jax.jit(functools.partial(apgd.apgd, apply_fn, epsilon=epsilon, norm=norm,
+                                       **settings))
+    counts[name] = []
+    for seed in seeds:
+      x_adv = attack(variables, jnp.asarray(x), jnp.asarray(y),
+                     perturbation.example_keys(seed, jnp.arange(n)))
+      ours = clean & (np.asarray(predict(variables, x_adv)) == y)
+      reference, _, _ = crosscheck.reference_autoattack(
+          module, x, y, epsilon=epsilon, norm=norm, version="custom", attacks=[reference_name],
+          apgd_restarts=1, seed=seed)
+      counts[name].append((int(ours.sum()), int(reference.sum())))
+  return counts
+
+
+def seeds_table(counts_by_model, num_examples):
+  """Markdown: per model and stage, robust examples per seed and the mean difference."""
+  lines = [f"| model | stage | ours, per seed | reference, per seed | mean ours − reference "
+           f"(of {num_examples}) |", "|---|---|---|---|---|"]
+  for model_name, counts in counts_by_model.items():
+    for stage, pairs in counts.items():
+      ours, reference = zip(*pairs)
+      lines.append(f"| {model_name} | {stage} | {', '.join(map(str, ours))} | "
+                   f"{', '.join(map(str, reference))} | "
+                   f"{np.mean(np.subtract(ours, reference)):+.1f} |")
+  return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_single_stages_over_five_seeds_on_the_digits_models(tmp_path):
+  """The README's two digits models (configs/digits.py, C-LEAD and --config.method=pgd_at; the
+  final evaluation cut to FGSM, which does not touch training): APGD-CE and APGD-T alone, 5 seeds
+  each of ours and of the reference on all 360 test points. Ours leaves on average at most half
+  an example more robust than the reference, per stage and model."""
+  from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
+  from clead_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  counts_by_model = {}
+  for method in ("clead", "pgd_at"):
+    config = config_tools.load_config_file(f"{REPO}/configs/digits.py")
+    config = config_tools.set_fields(config, {"method": method, "eval.attacks": "fgsm"})
+    workdir = str(tmp_path / method)
+    train.train_and_evaluate(config, workdir)
+    counts_by_model[method] = stages_over_seeds(workdir)
+  print(seeds_table(counts_by_model, 360))
+  for method, counts in counts_by_model.items():
+    for stage, pairs in counts.items():
+      ours, reference = np.asarray(pairs).T
+      assert np.mean(ours - reference) <= 0.5, (method, stage, pairs)
+
+
+def main(workdirs):
+  """Prints the seeds table for finished training workdirs (their names label the rows)."""
+  import os  # pylint: disable=g-import-not-at-top
+  counts_by_model = {os.path.basename(os.path.normpath(w)): stages_over_seeds(w) for w in workdirs}
+  print(seeds_table(counts_by_model, 360))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
