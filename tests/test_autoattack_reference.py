@@ -1,4 +1,4 @@
-"""Our AutoAttack against fra31/auto-attack itself (pyautoattack 0.2.0 packages it unchanged):
+"""Our AutoAttack against fra31/auto-attack itself, as pyautoattack 0.2.0 packages it:
 
   - APGD against a transcription of the reference's APGDAttack.attack_single_run, made from
     autopgd_base.py and not from our code, checked in turn against the installed reference;
@@ -89,6 +89,15 @@ def example_keys(n, seed=0):
   return perturbation.example_keys(seed, jnp.arange(n))
 
 
+@pytest.fixture
+def one_torch_thread():
+  """The reference on a tiny model: PyTorch's threads cost more than they bring."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 # --- APGD against a transcription of the reference ------------------------------------------------
 
 def _reference_loss(name, logits, y, target):
@@ -126,7 +135,6 @@ def transcribed_apgd(model, x, y, x_init, *, eps, norm, loss, target=None, n_ite
   so, which 100 steps grow to 1e-4; it moves no L-inf step (signs) and changed no outcome here.
   """
   x, x_init = np.asarray(x, np.float64).ravel(), np.asarray(x_init, np.float64).ravel()
-  shape = (1,) + tuple(np.asarray(x_init).shape)
 
   def loss_grad(x_flat):
     x_in = torch.tensor(x_flat, dtype=torch.float64, requires_grad=True)
@@ -146,7 +154,6 @@ def transcribed_apgd(model, x, y, x_init, *, eps, norm, loss, target=None, n_ite
     length = np.sqrt(np.sum((v - x) ** 2))
     return np.clip(x + (v - x) / guarded(length) * min(eps, length), 0.0, 1.0)
 
-  del shape
   n_iter_2, n_iter_min = max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1)
   size_decr = max(int(0.03 * n_iter), 1)
   x_adv = np.clip(x_init, 0.0, 1.0)
@@ -242,7 +249,7 @@ def _our_apgd(variables, x, y, target, *, epsilon, norm, loss, n_iter=100):
 
 
 @pytest.mark.parametrize("norm,loss,epsilon", APGD_CASES)
-def test_transcription_is_the_installed_reference(norm, loss, epsilon):
+def test_transcription_is_the_installed_reference(norm, loss, epsilon, one_torch_thread):  # pylint: disable=redefined-outer-name,unused-argument
   """The transcription (counting from the zero slot, as the reference does) gives what
   pyautoattack's own APGDAttack.attack_single_run gives from the same x_init, in float64."""
   variables, x, y, target = _apgd_problem(loss)
@@ -281,7 +288,7 @@ def test_transcription_is_the_installed_reference(norm, loss, epsilon):
 
 
 @pytest.mark.parametrize("norm,loss,epsilon", APGD_CASES)
-def test_apgd_follows_the_transcribed_reference(norm, loss, epsilon):
+def test_apgd_follows_the_transcribed_reference(norm, loss, epsilon, one_torch_thread):  # pylint: disable=redefined-outer-name,unused-argument
   """Our vectorised APGD (CE; DLR; targeted DLR against the runner-up) returns, per example, the
   point the transcription returns from the same start: the last misclassified iterate, or else the
   iterate of highest loss. Any departure along the 100 iterations (step, momentum, projection,
@@ -348,7 +355,7 @@ def _reference_on_the_mlp(epsilon, n=20):
                                          apgd_restarts=1)
 
 
-def test_crosscheck_reads_each_stage_of_the_reference(reworded):
+def test_crosscheck_reads_each_stage_of_the_reference(reworded, one_torch_thread):  # pylint: disable=redefined-outer-name,unused-argument
   """Every stage's line is read, and the last agrees with the per-example result. A stage whose
   line cannot be read is an error that names it, not a stage left out of the table (the
   per-stage comparison of tests/test_torch.py skips a stage whose reference value is None)."""
@@ -360,7 +367,7 @@ def test_crosscheck_reads_each_stage_of_the_reference(reworded):
     _reference_on_the_mlp(0.01)
 
 
-def test_crosscheck_fills_in_stages_the_reference_skipped():
+def test_crosscheck_fills_in_stages_the_reference_skipped(one_torch_thread):  # pylint: disable=redefined-outer-name,unused-argument
   """Once no point is robust the reference skips the remaining stages without a line: they are
   0, not an error."""
   robust, after, _ = _reference_on_the_mlp(0.3)
@@ -372,15 +379,6 @@ def test_crosscheck_fills_in_stages_the_reference_skipped():
 def _linear():
   from tests import test_autoattack  # pylint: disable=g-import-not-at-top
   return test_autoattack
-
-
-@pytest.fixture
-def one_torch_thread():
-  """The reference on a tiny model: PyTorch's threads cost more than they bring."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 def reference_robust(module, x, y, *, epsilon, norm, version, attacks=None, seed=0, **settings):
