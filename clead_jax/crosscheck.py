@@ -49,6 +49,27 @@ class _StageLog(logging.Handler):
       self.after[match.group(1).lower()] = float(match.group(2)) / 100.0
       self.total_time[match.group(1).lower()] = float(match.group(3))
 
+  def check(self, stages, clean_accuracy, robust_accuracy):
+    """Fills in the stages the reference skipped once nothing was robust (it logs no line for
+    them); raises if any other stage's line is missing, or if the last line disagrees with the
+    reference's own per-example result: its log format changed and the table would be wrong."""
+    before = clean_accuracy
+    for stage in stages:
+      if stage not in self.after:
+        if before == 0.0:
+          self.after[stage] = 0.0
+          continue
+        raise RuntimeError(
+            f"crosscheck: the reference's log has no line 'robust accuracy after "
+            f"{stage.upper()}: ...%' although {before:.2%} of the points were still robust before "
+            f"it; the per-stage table cannot be made (has pyautoattack's log format changed? "
+            f"the lines parsed: {sorted(self.after) or 'none'})")
+      before = self.after[stage]
+    if stages and abs(before - robust_accuracy) > 6e-5:  # the line rounds to 0.01%
+      raise RuntimeError(
+          f"crosscheck: the reference's log says {before:.2%} after {stages[-1].upper()}, its "
+          f"per-example result {robust_accuracy:.2%}; the stage lines were misread")
+
   def stage_times(self):
     times, before = {}, 0.0
     for stage, total in self.total_time.items():
@@ -92,6 +113,7 @@ def reference_autoattack(torch_model, images, labels, *, epsilon, norm, version=
     logger.removeHandler(handler)
     logger.setLevel(level)
   robust = (y_adv == y).cpu().numpy() & clean.cpu().numpy()
+  handler.check(list(attack.attacks_to_run), float(clean.float().mean()), float(robust.mean()))
   if stage_times is not None:
     stage_times.update(handler.stage_times())
   return robust, handler.after, time.time() - start
