@@ -195,7 +195,8 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   state, step, _ = workdir_lib.restore_checkpoint(workdir, config, model, parallel.make_mesh(),
                                                   str(step))
   arch = torch_weights.architecture(config.model, dataset.image_shape, dataset.num_classes)
-  state_dict, _ = torch_weights.to_torch(config.model, jax.device_get(state.variables))
+  state_dict, _ = torch_weights.to_torch(config.model, jax.device_get(
+      train_state.weights_of(state, train_state.evaluated_weights(config))))
   torch_model = torch_weights.torch_module(arch, dataset.mean, dataset.std, state_dict)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
   reference_times = {}

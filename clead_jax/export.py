@@ -71,7 +71,8 @@ def main(argv):
     model = train_state.build(config, dataset)
     state, step, _ = workdir_lib.restore_checkpoint(values.workdir, config, model,
                                                     parallel.make_mesh(), values.checkpoint)
-    variables = jax.device_get(state.variables)
+    # The weights the run's report evaluates: the averaged ones when EMA is on (eval.weights).
+    variables = jax.device_get(train_state.weights_of(state, train_state.evaluated_weights(config)))
     written = torch_weights.export_state(config, variables, step, dataset, values.out)
     rb = written["robustbench"]
     print(f"clead_jax.export: step {step} of {values.workdir} -> {values.out} and "

@@ -112,7 +112,8 @@ def load_surrogate(surrogate_workdir, dataset, mesh):
   model = train_state.build(config, dataset)
   state, _, _ = restore_checkpoint(surrogate_workdir, config, model, mesh)
   evaluator_network = suite.Evaluator(model.network, mesh, config.attack.norm, 1, 0).network
-  return suite.Surrogate(lambda v, x: evaluator_network.apply(v, x, train=False), state.variables,
+  variables = train_state.weights_of(state, train_state.evaluated_weights(config))
+  return suite.Surrogate(lambda v, x: evaluator_network.apply(v, x, train=False), variables,
                          surrogate_workdir)
 
 
@@ -137,8 +138,11 @@ def num_test_examples(requested, dataset, field):
 
 def evaluate_state(config, workdir, network, state_variables, step, dataset, mesh, *, attack_names,
                    num_examples, checkpoint_info, header_extra=None, progress=False,
-                   source="checkpoints", skip_measured=False):
+                   source="checkpoints", skip_measured=False, weights="raw"):
   """Evaluates `state_variables` on the first `num_examples` test images into DIR's report.
+
+  weights: which weights `state_variables` are ('ema': the averaged ones, 'raw'); the report's
+  header says it, and an evaluation of the other weights is another evaluation.
 
   skip_measured: attacks the report already holds for this evaluation are not run again
   (training's final evaluation, resumed); otherwise they are measured again and replaced.
@@ -152,8 +156,8 @@ def evaluate_state(config, workdir, network, state_variables, step, dataset, mes
   header = {"method": config.method, "dataset": config.data.name, "model": config.model.name,
             "norm": config.attack.norm, "epsilon": float(config.attack.epsilon),
             "num_examples": int(num_examples), "steps": int(step), "checkpoint": checkpoint_info,
-            **(header_extra or {})}
-  identity = evaluation_identity(config, step, source, num_examples)
+            "weights": weights, **(header_extra or {})}
+  identity = dict(evaluation_identity(config, step, source, num_examples), weights=weights)
   report = report_lib.Report(workdir, header, identity, is_writer=is_writer)
   if report.archived and is_writer:
     print(f"clead_jax: the earlier report was of another evaluation; kept as "
@@ -194,10 +198,12 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
   info = {"step": int(step),
           "rule": checkpoint_rule(checkpoint, step, model.total_steps, config)}
   extra = {"train_time_s": float(meta.get("train_time_s", 0.0))}
-  return evaluate_state(config, workdir, model.network, state.variables, step, dataset, mesh,
-                        attack_names=attack_names, num_examples=n, checkpoint_info=info,
-                        header_extra=extra, progress=progress,
-                        source="best_checkpoint" if checkpoint == "best" else "checkpoints")
+  weights = train_state.evaluated_weights(config)
+  return evaluate_state(config, workdir, model.network, train_state.weights_of(state, weights),
+                        step, dataset, mesh, attack_names=attack_names, num_examples=n,
+                        checkpoint_info=info, header_extra=extra, progress=progress,
+                        source="best_checkpoint" if checkpoint == "best" else "checkpoints",
+                        weights=weights)
 
 
 def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_examples=None,
