@@ -6,6 +6,8 @@ import importlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from clead_jax import train
 from clead_jax import train_state
 from clead_jax import weight_perturbation
 from clead_jax.errors import UserError
-from tests.conftest import digits_config
+from tests.conftest import REPO, digits_config
 
 
 def _leaves(tree):
@@ -267,3 +269,53 @@ def test_fashion_mnist_recipes_are_valid_and_use_ema():
   full = module.get_config("cpu_full")
   assert full.train.ema_decay > 0 and full.data.train_size == -1
   assert full.data.validation_size == 5000 and full.eval.num_examples == -1
+
+
+# --- data parallelism ------------------------------------------------------------------------------
+
+FAKE_DEVICES = 4
+
+
+def _lockstep(num_steps=4):
+  """C-LEAD with EMA, AWP and N-FGSM on one device and, from the same state and batch, on all:
+  per-step max |one - all| of the new state (averages included) and how far params moved."""
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  config, dataset, model, _ = _setup(**{"method": "clead", "attack.name": "nfgsm",
+                                        "train.ema_decay": 0.9, "train.awp_gamma": 0.02})
+  meshes = {"one": Mesh(np.asarray(jax.devices()[:1]), ("data",)),
+            "all": Mesh(np.asarray(jax.devices()), ("data",))}
+  steps = {name: _step_fn(config, model, mesh) for name, mesh in meshes.items()}
+  state = jax.device_get(train_state.init_state(model, 0, meshes["one"]))
+  initial = state.params
+  diffs = []
+  for t in range(num_steps):
+    new = {}
+    for name, mesh in meshes.items():
+      batch = jax.device_put(_batch(dataset, 32 * t), parallel.batch_sharding(mesh))
+      new[name] = jax.device_get(steps[name](jax.device_put(state, parallel.replicated(mesh)),
+                                             batch)[0])
+    diffs.append(max(float(np.max(np.abs(a - b))) for a, b in
+                     zip(_leaves(new["one"]), _leaves(new["all"]))))
+    state = new["one"]
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(_leaves(state.params),
+                                                            _leaves(initial)))
+  return {"devices": jax.device_count(), "diffs": diffs, "moved": moved}
+
+
+def test_ema_awp_and_nfgsm_steps_on_several_devices_equal_one_device(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={FAKE_DEVICES} "
+                       "--xla_backend_optimization_level=0")
+  out = tmp_path / "lockstep.json"
+  proc = subprocess.run([sys.executable, "-m", "tests.test_recipes_ema_awp", str(out)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  result = json.loads(out.read_text())
+  assert result["devices"] == FAKE_DEVICES
+  assert max(result["diffs"]) < 1e-4, result["diffs"]
+  assert result["moved"] > 100 * 1e-4  # the comparison can fail
+
+
+if __name__ == "__main__":
+  with open(sys.argv[1], "w") as f:
+    json.dump(_lockstep(), f)
