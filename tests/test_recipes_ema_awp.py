@@ -108,6 +108,7 @@ def _final_state(workdir):
   return step, state
 
 
+@pytest.mark.slow  # real training, twice
 def test_resume_with_ema_is_bit_identical_and_the_report_says_ema(tmp_path):
   """A run resumed from an earlier checkpoint ends with the same params, optimizer state and
   averages, bit for bit, as the uninterrupted run; its report measured the averaged weights."""
@@ -302,6 +303,7 @@ def _lockstep(num_steps=4):
   return {"devices": jax.device_count(), "diffs": diffs, "moved": moved}
 
 
+@pytest.mark.slow  # a real process
 def test_ema_awp_and_nfgsm_steps_on_several_devices_equal_one_device(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={FAKE_DEVICES} "
