@@ -155,14 +155,8 @@ def restore_or_init(config, workdir, model, mesh, checkpointer):
   """
   abstract = train_state.abstract_state(model, config.seed, mesh)
   config_dict = json.loads(config.to_json_best_effort())
-  state, meta = checkpointer.restore_latest_good(abstract, config_dict)
+  state, meta = checkpointer.restore_latest_good(abstract, config_dict)  # refuses another config
   if state is not None:
-    differ = checkpointing.config_mismatches(meta["config"], config_dict)
-    if differ:
-      raise UserError(
-          f"the config differs from the one {workdir} was trained with in " + "; ".join(
-              f"config.{f}: checkpoint {a!r}, now {b!r}" for f, a, b in differ[:4])
-          + "; use the same values to resume, or another --workdir for a new run")
     _say(f"resuming from step {int(state.step)} in {checkpointer.directory}")
     if jax.process_index() == 0:
       _truncate_metrics(workdir, int(state.step))

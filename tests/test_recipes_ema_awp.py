@@ -135,6 +135,14 @@ def test_resume_with_ema_is_bit_identical_and_the_report_says_ema(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert again["robust_accuracy"] == report["robust_accuracy"]
   assert again["clean_accuracy"] == report["clean_accuracy"]
+  # Turning EMA off on resume is refused in one line (the state has other fields), and the
+  # checkpoints are not taken for unreadable ones.
+  kept = sorted(os.listdir(os.path.join(resumed, "checkpoints")))
+  with pytest.raises(UserError) as error:
+    train.train_and_evaluate(digits_config(**dict(overrides, **{"train.ema_decay": 0.0})), resumed)
+  assert "config.train.ema_decay: checkpoint 0.9, now 0.0" in str(error.value)
+  assert "\n" not in str(error.value)
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == kept
 
 
 # --- AWP ---------------------------------------------------------------------------------------
