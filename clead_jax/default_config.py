@@ -82,10 +82,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Weight averaging: an exponential moving average of the params and BatchNorm statistics with
   # decay min(ema_decay, (1 + step) / (10 + step)); 0: off. eval.weights says which are evaluated.
   config.train.ema_decay = 0.0
-  # Adversarial weight perturbation (Wu et al. 2020) of relative size gamma per layer, for
-  # pgd_at, trades and clead; 0: off. It starts after awp_warmup_epochs epochs.
+  # Adversarial weight perturbation (Wu et al. 2020): each kernel moves by gamma * ||w|| along
+  # its loss gradient before the gradient is taken (pgd_at, trades, clead); 0: off.
   config.train.awp_gamma = 0.0
-  config.train.awp_warmup_epochs = 0
+  config.train.awp_warmup_epochs = 0  # epochs trained without AWP first
 
   config.eval = ml_collections.ConfigDict()
   # fgsm, pgd20, pgd100, cw, autoattack (standard), autoattack_plus, autoattack_rand, and the
