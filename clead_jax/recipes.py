@@ -87,7 +87,7 @@ def fashion_mnist(variant="gpu"):
     time, 28.6 minutes (train 1,575 s, evaluation 113 s, compilation 8 s), was measured on the
     2 cores shared with other jobs (load 5-12, at nice 10: 130 images/s median, 195 at best);
     at the 270-330 images/s of the idle machine the same run is an estimated 12-16 minutes.
-    Standard training (at lr 0.05, before the change above): clean 90.2 %, PGD-20 0.0 %.
+    Standard training with this recipe: clean 89.2 %, FGSM 13.5 %, PGD-20 0.2 % (5.8 minutes).
   """
   if variant not in FASHION_MNIST_VARIANTS:
     raise ValueError(f"unknown variant {variant!r} after ':'; choose one of "
