@@ -122,10 +122,33 @@ def fgsm_random_start(apply_fn, variables, x, y, key, *, epsilon, norm="linf",
              steps=1, norm=norm, init="uniform", objective=objective)
 
 
+NFGSM_NOISE = 2.0  # de Jorge et al. 2022: uniform noise of radius k = 2 epsilon
+NFGSM_STEP = 1.0  # ... and one step of epsilon
+
+
+def nfgsm(apply_fn, variables, x, y, key, *, epsilon, norm="linf", objective=ce_objective,
+          noise=NFGSM_NOISE, step=NFGSM_STEP):
+  """N-FGSM (de Jorge et al. 2022, "Make Some Noise"): from x plus uniform noise of radius
+  noise * epsilon (clipped to the box [0, 1]), one ascent step of step * epsilon, then only
+  clipped to the box: neither the noise nor the step is projected back to the epsilon-ball, so
+  x_adv may lie up to (noise + step) epsilon from x. A training attack only."""
+  perturbation.check_norm(norm)
+  x_noisy = perturbation.random_init(key, x, noise * epsilon, norm, "uniform")
+
+  def objective_at(x_adv):
+    logits, embedding = apply_fn(variables, x_adv)
+    return objective(logits, embedding, y)
+
+  grad = jax.grad(objective_at)(x_noisy)
+  x_adv = jnp.clip(perturbation.ascent_step(x_noisy, grad, step * epsilon, norm), 0.0, 1.0)
+  return jax.lax.stop_gradient(x_adv)
+
+
 # Training attacks by name (config.attack.name): attack(apply_fn, variables, x, y, key, *,
 # attack_config, init, objective) -> x_adv. `init` is the start the method asks for
 # (methods.Context derives it from attack.random_start). Only PGD takes attack.step_size and
-# attack.steps: FGSM steps by epsilon, FGSM-RS by 1.25 epsilon from a uniform start.
+# attack.steps: FGSM steps by epsilon, FGSM-RS by 1.25 epsilon from a uniform start, N-FGSM by
+# attack.nfgsm_step epsilon from noise of radius attack.nfgsm_noise epsilon (its own start).
 TRAIN_ATTACKS = {
     "fgsm": lambda apply_fn, variables, x, y, key, *, attack_config, init, objective: fgsm(
         apply_fn, variables, x, y, key, epsilon=attack_config.epsilon, norm=attack_config.norm,
@@ -137,6 +160,9 @@ TRAIN_ATTACKS = {
         apply_fn, variables, x, y, key, epsilon=attack_config.epsilon,
         step_size=attack_config.step_size, steps=attack_config.steps, norm=attack_config.norm,
         init=init, objective=objective, unroll=attack_config.unroll),
+    "nfgsm": lambda apply_fn, variables, x, y, key, *, attack_config, init, objective: nfgsm(
+        apply_fn, variables, x, y, key, epsilon=attack_config.epsilon, norm=attack_config.norm,
+        objective=objective, noise=attack_config.nfgsm_noise, step=attack_config.nfgsm_step),
 }
 
 

@@ -146,6 +146,9 @@ class Checkpointer:
         set_aside.append(self._set_aside(step, e, earlier))
         continue
       check_same_model(meta, abstract_state, self.directory, step, config_dict)
+      # Before the restore: a config whose state has other fields (train.ema_decay turned on or
+      # off) would not restore, and its checkpoint must not be taken for an unreadable one.
+      check_same_config(meta, config_dict, self.workdir)
       try:
         return self.restore(abstract_state, step)
       except Exception as e:  # pylint: disable=broad-except
@@ -216,6 +219,19 @@ def check_same_model(meta, abstract_state, directory, step, config_dict=None):
   raise UserError(f"checkpoint {directory}/{step} is of a different model (parameters differ: "
                   f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}){fields}; use "
                   "the config it was trained with, or another --workdir")
+
+
+def check_same_config(meta, config_dict, workdir):
+  """A checkpoint of a config that differs in a field that changes the run (config_mismatches)
+  is refused with one line naming the fields."""
+  if config_dict is None or "config" not in meta:
+    return
+  differ = config_mismatches(meta["config"], config_dict)
+  if differ:
+    raise UserError(
+        f"the config differs from the one {workdir} was trained with in " + "; ".join(
+            f"config.{f}: checkpoint {a!r}, now {b!r}" for f, a, b in differ[:4])
+        + "; use the same values to resume, or another --workdir for a new run")
 
 
 def restore_params(workdir: str, abstract_params):

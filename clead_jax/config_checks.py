@@ -6,6 +6,7 @@ from clead_jax import input_pipeline
 from clead_jax import losses
 from clead_jax import methods
 from clead_jax import models
+from clead_jax import train_state
 from clead_jax.errors import UserError
 from clead_jax.evaluation import suite
 
@@ -38,6 +39,7 @@ def validate(config):
   _choice(config, "loss.positives", losses.POSITIVES)
   _choice(config, "train.optimizer", ("sgd", "adam"))
   _choice(config, "train.schedule", ("cosine", "piecewise", "constant"))
+  _choice(config, "eval.weights", train_state.WEIGHTS)
   _at_least(config.attack.epsilon, 0.0, "attack.epsilon")
   _at_least(config.attack.step_size, 0.0, "attack.step_size")
   _at_least(config.attack.steps, 1, "attack.steps")
@@ -60,6 +62,21 @@ def validate(config):
   _at_least(config.train.eval_every, 0, "train.eval_every")
   _at_least(config.eval.batch_size, 1, "eval.batch_size")
   _at_least(config.eval.curve_points, 0, "eval.curve_points")
+  _at_least(config.attack.nfgsm_noise, 0.0, "attack.nfgsm_noise")
+  _at_least(config.attack.nfgsm_step, 0.0, "attack.nfgsm_step", strict=True)
+  _at_least(config.train.awp_gamma, 0.0, "train.awp_gamma")
+  _at_least(config.train.awp_warmup_epochs, 0, "train.awp_warmup_epochs")
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    raise UserError(f"config.train.ema_decay={config.train.ema_decay!r} must be in [0, 1) (0 turns "
+                    "weight averaging off; 0.999 is usual); set --config.train.ema_decay")
+  if config.eval.weights == "ema" and not config.train.ema_decay:
+    raise UserError("config.eval.weights='ema' evaluates the averaged weights, but "
+                    "config.train.ema_decay=0 averages none; set --config.train.ema_decay (e.g. "
+                    "0.999) or --config.eval.weights=auto")
+  if config.train.awp_gamma and config.method not in ("pgd_at", "trades", "clead"):
+    raise UserError(f"config.train.awp_gamma={config.train.awp_gamma} perturbs the weights on an "
+                    f"adversarial loss, and config.method={config.method!r} has none; use pgd_at, "
+                    "trades or clead, or awp_gamma=0")
   if config.train.pretrain_epochs > config.train.epochs:
     raise UserError(f"config.train.pretrain_epochs={config.train.pretrain_epochs} exceeds "
                     f"config.train.epochs={config.train.epochs}; lower it or raise epochs")
@@ -74,8 +91,8 @@ def validate(config):
     raise UserError(f"config.eval.num_examples={config.eval.num_examples} must be -1 (the whole "
                     "test split) or a positive count of test images; set "
                     "--config.eval.num_examples accordingly")
-  if config.attack.name == "fgsm_rs" and not config.attack.random_start:
-    raise UserError("config.attack.name='fgsm_rs' is FGSM from a random start, but "
+  if config.attack.name in ("fgsm_rs", "nfgsm") and not config.attack.random_start:
+    raise UserError(f"config.attack.name={config.attack.name!r} starts from random noise, but "
                     "config.attack.random_start=False; use attack.name=fgsm for FGSM from x")
   if config.train.eval_every and not config.data.validation_size:
     raise UserError(f"config.train.eval_every={config.train.eval_every} evaluates on a validation "

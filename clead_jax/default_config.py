@@ -36,10 +36,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.attack = ml_collections.ConfigDict()
   config.attack.norm = "linf"  # linf or l2
   config.attack.epsilon = 0.2
-  # pgd; fgsm (one step of epsilon); fgsm_rs (one step of 1.25 epsilon from a random start)
+  # pgd; fgsm (one step of epsilon); fgsm_rs (one step of 1.25 epsilon from a random start);
+  # nfgsm (N-FGSM, de Jorge et al. 2022: one step from uniform noise, not projected to the ball)
   config.attack.name = "pgd"
   config.attack.steps = 10  # pgd only
   config.attack.step_size = 0.05  # pgd only
+  config.attack.nfgsm_noise = 2.0  # nfgsm: the noise's radius k, in units of epsilon
+  config.attack.nfgsm_step = 1.0  # nfgsm: the signed step, in units of epsilon
   # Start from a uniform point of the ball (pgd, fgsm; fgsm_rs always does) or, for trades,
   # from x + 0.001 N(0, 1); False: from x.
   config.attack.random_start = True
@@ -78,6 +81,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Epochs between evaluations on the validation split (needs data.validation_size > 0); the best
   # checkpoint by PGD-20 accuracy there is kept in DIR/best_checkpoint. 0: only the final one.
   config.train.eval_every = 0
+  # Weight averaging: an exponential moving average of the params and BatchNorm statistics with
+  # decay min(ema_decay, (1 + step) / (10 + step)); 0: off. eval.weights says which are evaluated.
+  config.train.ema_decay = 0.0
+  # Adversarial weight perturbation (Wu et al. 2020): each kernel moves by gamma * ||w|| along
+  # its loss gradient before the gradient is taken (pgd_at, trades, clead); 0: off.
+  config.train.awp_gamma = 0.0
+  config.train.awp_warmup_epochs = 0  # epochs trained without AWP first
 
   config.eval = ml_collections.ConfigDict()
   # fgsm, pgd20, pgd100, cw, autoattack (standard), autoattack_plus, autoattack_rand, and the
@@ -90,4 +100,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.during_train_examples = 512  # validation examples that eval_every evaluates on
   # Workdir of a standard run on the same data: the surrogate of transfer_pgd3.
   config.eval.surrogate = ""
+  # The weights that the report, the best-checkpoint choice and export use: ema (the averaged
+  # ones), raw, or auto (ema when train.ema_decay > 0, else raw).
+  config.eval.weights = "auto"
   return config

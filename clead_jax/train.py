@@ -32,6 +32,7 @@ from clead_jax import parallel
 from clead_jax import report as report_lib
 from clead_jax import stopping
 from clead_jax import train_state
+from clead_jax import weight_perturbation
 from clead_jax import workdir_lock
 from clead_jax.errors import UserError
 from clead_jax.evaluation import suite
@@ -40,8 +41,15 @@ from clead_jax.evaluation import workdir as workdir_lib
 # --- the update step ------------------------------------------------------------------------------
 
 
-def make_train_step(ctx, method, tx, schedule):
-  """train_step(state, batch) -> (state, metrics) for one method; pure, to be jitted."""
+def make_train_step(ctx, method, tx, schedule, awp_start_step=0):
+  """train_step(state, batch) -> (state, metrics) for one method; pure, to be jitted.
+
+  With config.train.awp_gamma > 0 (adversarial methods), from step `awp_start_step` on the
+  gradient is taken at adversarially perturbed weights (weight_perturbation.py) and applied at the
+  unperturbed ones. With config.train.ema_decay > 0 the state's weight averages follow each update.
+  """
+  ema_decay = ctx.config.train.get("ema_decay", 0.0)
+  awp_gamma = ctx.config.train.get("awp_gamma", 0.0) if method.make_adversarial is not None else 0.0
 
   def train_step(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -57,13 +65,22 @@ def make_train_step(ctx, method, tx, schedule):
     def loss_fn(params):
       return method.loss(ctx, params, state.batch_stats, x, x_adv, y)
 
-    (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    at_params = state.params
+    if awp_gamma > 0:
+      # lax.cond: the warm-up steps skip the ascent step's forward and backward pass.
+      delta = jax.lax.cond(
+          state.step >= awp_start_step,
+          lambda: weight_perturbation.perturbation(loss_fn, state.params, awp_gamma),
+          lambda: jax.tree.map(jnp.zeros_like, state.params))
+      at_params = weight_perturbation.add(state.params, delta)
+    (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(at_params)
+    # The update starts from the unperturbed weights: AWP's perturbation is gone from here on.
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = train_state.update_ema(state, params, batch_stats, ema_decay).replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
   return train_step
@@ -155,14 +172,8 @@ def restore_or_init(config, workdir, model, mesh, checkpointer):
   """
   abstract = train_state.abstract_state(model, config.seed, mesh)
   config_dict = json.loads(config.to_json_best_effort())
-  state, meta = checkpointer.restore_latest_good(abstract, config_dict)
+  state, meta = checkpointer.restore_latest_good(abstract, config_dict)  # refuses another config
   if state is not None:
-    differ = checkpointing.config_mismatches(meta["config"], config_dict)
-    if differ:
-      raise UserError(
-          f"the config differs from the one {workdir} was trained with in " + "; ".join(
-              f"config.{f}: checkpoint {a!r}, now {b!r}" for f, a, b in differ[:4])
-          + "; use the same values to resume, or another --workdir for a new run")
     _say(f"resuming from step {int(state.step)} in {checkpointer.directory}")
     if jax.process_index() == 0:
       _truncate_metrics(workdir, int(state.step))
@@ -173,9 +184,8 @@ def restore_or_init(config, workdir, model, mesh, checkpointer):
   if config.train.init_from:
     replicated = parallel.replicated(mesh)
     params, batch_stats = checkpointing.restore_params(config.train.init_from, abstract.params)
-    state = state.replace(params=jax.device_put(params, replicated),
-                          batch_stats=jax.device_put(batch_stats, replicated),
-                          opt_state=jax.jit(model.tx.init, out_shardings=replicated)(params))
+    state = jax.jit(lambda s, p, b: train_state.with_weights(s, p, b, model.tx),
+                    out_shardings=replicated)(state, params, batch_stats)
   return state, None
 
 
@@ -185,9 +195,10 @@ def compile_steps(config, model, state, dataset, mesh):
   steps, compile_s = {}, {}
   batch_shape = (config.train.batch_size,) + tuple(dataset.image_shape)
   ctx = methods.Context(model.network, config)
+  awp_start_step = config.train.awp_warmup_epochs * model.steps_per_epoch
   for name in sorted({"standard" if pretrain else config.method, config.method}):
-    jitted = jit_train_step(make_train_step(ctx, methods.METHODS[name], model.tx, model.schedule),
-                            mesh)
+    jitted = jit_train_step(make_train_step(ctx, methods.METHODS[name], model.tx, model.schedule,
+                                            awp_start_step), mesh)
     steps[name], compile_s[name] = compile_step(jitted, state, batch_shape,
                                                 dataset.train_images.dtype, mesh)
   _say("compiled train step in " + ", ".join(f"{k}: {v:.1f} s" for k, v in compile_s.items()))
@@ -309,11 +320,13 @@ def train_loop(config, workdir, model, state, steps, dataset, mesh, checkpointer
 
 
 def validation_metrics(config, evaluator, state, dataset, writer):
-  """Clean and PGD-20 accuracy on the validation split (never a test image); logged."""
+  """Clean and PGD-20 accuracy on the validation split (never a test image), of the weights the
+  report evaluates (config.eval.weights); logged."""
   n = config.eval.during_train_examples
   images, labels = dataset.validation_images[:n], dataset.validation_labels[:n]
-  clean = evaluator.accuracy(state.variables, images, labels, "clean", 0.0)
-  robust = evaluator.accuracy(state.variables, images, labels, "pgd20", config.attack.epsilon)
+  variables = train_state.weights_of(state, train_state.evaluated_weights(config))
+  clean = evaluator.accuracy(variables, images, labels, "clean", 0.0)
+  robust = evaluator.accuracy(variables, images, labels, "pgd20", config.attack.epsilon)
   metrics = {"clean_accuracy": clean, "pgd20_accuracy": robust}
   writer.write(int(state.step), {f"validation/{k}": v for k, v in metrics.items()})
   return metrics
@@ -363,16 +376,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Final evaluation: the attacks not yet in the report of this checkpoint.
   step = int(state.step)
   n = workdir_lib.num_test_examples(config.eval.num_examples, dataset, "config.eval.num_examples")
+  weights = train_state.evaluated_weights(config)
   try:
     report = workdir_lib.evaluate_state(
-        config, workdir, model.network, workdir_lib.evaluated_variables(state, config), step,
+        config, workdir, model.network, train_state.weights_of(state, weights), step,
         dataset, mesh,
         attack_names=suite.parse_attack_names(config.eval.attacks), num_examples=n,
         checkpoint_info={"step": step, "rule": workdir_lib.checkpoint_rule(
             "latest", step, model.total_steps, config)},
         header_extra={"train_time_s": train_time, "compile_time_s": compile_s,
                       "total_steps": model.total_steps},
-        progress=True, skip_measured=True)
+        progress=True, skip_measured=True, weights=weights)
   except stopping.Stopped as stopped:
     stopped.what_was_kept = (
         f"training is finished and checkpoint {step} is saved; the final evaluation stopped: "

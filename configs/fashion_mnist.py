@@ -16,6 +16,16 @@ a 5,000-image validation split, the first 1,000 test images):
   python -m clead_jax.main --config configs/fashion_mnist.py:cpu --workdir runs/fashion_mnist_cpu
   python -m clead_jax.study --config configs/fashion_mnist.py:cpu --methods standard,pgd_at,trades,clead --seeds 1 --workdir runs/fashion_mnist_study
 
+The full-split CPU recipe (all 55,000 training images left after a 5,000-image validation split,
+width 16, 4 epochs of PGD-10, weight averaging with decay 0.995; FGSM and PGD-20 on all 10,000
+test images; at most 20 minutes per robust run on the idle 2-core machine):
+
+  python -m clead_jax.main --config configs/fashion_mnist.py:cpu_full --workdir runs/fashion_mnist_full
+
+The GPU recipe averages its weights (train.ema_decay=0.999); --config.eval.weights=raw evaluates
+the last weights instead. Weight perturbation: --config.train.awp_gamma=0.01 (AWP); single-step
+training: --config.attack.name=nfgsm (N-FGSM).
+
 Other methods: --config.method=standard | pgd_at | trades.
 """
 

@@ -108,9 +108,9 @@ def restore_checkpoint(workdir, config, model, mesh, checkpoint="latest", best=N
 
 
 def evaluated_variables(state, config):
-  """The variables of a train state that evaluation, export and the study measure."""
-  del config
-  return state.variables
+  """The variables of a train state that evaluation, export and the study measure: the averaged
+  ones when EMA is on, unless config.eval.weights says otherwise (train_state.evaluated_weights)."""
+  return train_state.weights_of(state, train_state.evaluated_weights(config))
 
 
 def final_weights_fingerprint(workdir, config, dataset, mesh):
@@ -192,8 +192,11 @@ def num_test_examples(requested, dataset, field):
 
 def evaluate_state(config, workdir, network, state_variables, step, dataset, mesh, *, attack_names,
                    num_examples, checkpoint_info, header_extra=None, progress=False,
-                   source="checkpoints", skip_measured=False):
+                   source="checkpoints", skip_measured=False, weights="raw"):
   """Evaluates `state_variables` on the first `num_examples` test images into DIR's report.
+
+  weights: which weights `state_variables` are ('ema': the averaged ones, 'raw'); the report's
+  header says it, and an evaluation of the other weights is another evaluation.
 
   skip_measured: attacks the report already holds for this evaluation are not run again
   (training's final evaluation, resumed); otherwise they are measured again and replaced.
@@ -207,10 +210,11 @@ def evaluate_state(config, workdir, network, state_variables, step, dataset, mes
   header = {"method": config.method, "dataset": config.data.name, "model": config.model.name,
             "norm": config.attack.norm, "epsilon": float(config.attack.epsilon),
             "num_examples": int(num_examples), "test_split_size": len(dataset.test_labels),
-            "steps": int(step), "checkpoint": checkpoint_info,
+            "steps": int(step), "checkpoint": checkpoint_info, "weights": weights,
             **(header_extra or {})}
-  identity = evaluation_identity(config, step, source, num_examples,
-                                 provenance.weights_fingerprint(state_variables))
+  identity = dict(evaluation_identity(config, step, source, num_examples,
+                                      provenance.weights_fingerprint(state_variables)),
+                  weights=weights)
   report = report_lib.Report(workdir, header, identity, is_writer=is_writer)
   if report.archived and is_writer:
     print(f"clead_jax: the earlier report was of another evaluation ({report.archived_because}); "
@@ -271,7 +275,8 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
                         step, dataset, mesh,
                         attack_names=attack_names, num_examples=n, checkpoint_info=info,
                         header_extra=extra, progress=progress,
-                        source="best_checkpoint" if checkpoint == "best" else "checkpoints")
+                        source="best_checkpoint" if checkpoint == "best" else "checkpoints",
+                        weights=train_state.evaluated_weights(config))
 
 
 def load_torch_model(config, torch_path, dataset, mesh):
