@@ -240,13 +240,18 @@ class Runner:
             state.chunks_done = 0
             state.batch_size, state.devices = self.batch_size, self.mesh.devices.size
             if len(state.run_todo):
+              # A stage compiles for its first run's batches, padded only to the device count
+              # (stage k's points are a few of stage k-1's: a size kept from the stage before
+              # padded APGD-T, FAB-T and Square on the quickstart model by half); its later runs
+              # keep that size until their points halve, so that a stage compiles once.
               length = sharded.chunk_length(len(state.run_todo), self.batch_size)
-              if not state.size or not state.size // 2 < length <= state.size:
-                state.size = sharded.bucket(length, self.batch_size, self.mesh.devices.size)
+              if (state.run == 0 or not state.size
+                  or not state.size // 2 < length <= state.size):
+                state.size = sharded.tight_size(length, self.batch_size, self.mesh.devices.size)
           todo = state.run_todo
           length = sharded.chunk_length(len(todo), self.batch_size) if len(todo) else 1
           if len(todo) and not state.size:  # rebatched on resume
-            state.size = sharded.bucket(length, self.batch_size, self.mesh.devices.size)
+            state.size = sharded.tight_size(length, self.batch_size, self.mesh.devices.size)
           state.batch_size, state.devices = self.batch_size, self.mesh.devices.size
           for start in range(state.chunks_done * length, len(todo), length):
             chunk = todo[start:start + length]

@@ -29,6 +29,12 @@ def bucket(count, batch_size, devices):
   return min(-(-count // granule) * granule, batch_size)
 
 
+def tight_size(count, batch_size, devices):
+  """The padded size of a batch of `count` examples that one compilation serves for long (an
+  AutoAttack stage): the next multiple of the device count, at most batch_size."""
+  return min(-(-count // devices) * devices, batch_size)
+
+
 def chunk_length(count, batch_size):
   """Examples per batch when `count` examples are split evenly into batches of <= batch_size."""
   return -(-count // max(1, -(-count // batch_size)))
