@@ -57,6 +57,9 @@ def _define_flags():
   flags.DEFINE_float("epsilon", None, "Evaluate at this epsilon instead of training's; the "
                      "report goes to DIR/<norm>_eps<E>/, the training epsilon's report stays.")
   flags.DEFINE_enum("norm", None, ["linf", "l2"], "With --epsilon: the norm (default: training's).")
+  flags.DEFINE_integer("cpu_devices", None, "On a machine without accelerators: split every batch "
+                       "over this many CPU devices (default: one per usable core; 1: JAX's single "
+                       "CPU device). Results do not depend on it.")
 
 
 def main(argv):
@@ -71,7 +74,12 @@ def main(argv):
     from clead_jax.errors import UserError
     from clead_jax.evaluation import workdir as workdir_lib
     from clead_jax import workdir_lock
+    from clead_jax import parallel
     import jax
+    if values.cpu_devices is not None and values.cpu_devices < 1:
+      raise UserError(f"--cpu_devices={values.cpu_devices} must be >= 1 (1: JAX's single CPU "
+                      "device)")
+    parallel.use_cpu_cores_as_devices(values.cpu_devices)
     distributed.initialize()
     if values.norm is not None and values.epsilon is None:
       raise UserError("--norm needs --epsilon E: the radius of the threat model in that norm")

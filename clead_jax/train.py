@@ -107,15 +107,6 @@ def compile_step(jitted_step, state, batch_shape, image_dtype, mesh):
   return compiled, time.time() - start
 
 
-def enable_compilation_cache(directory: str):
-  """JAX's persistent compilation cache: a resumed run reuses the compiled steps."""
-  if not directory:
-    return
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 # --- the workdir ------------------------------------------------------------------------------------
 
 def _truncate_metrics(workdir, step):
@@ -342,7 +333,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   # Setup: the mesh, the dataset and the model.
   config_checks.validate(config)
-  enable_compilation_cache(config.compilation_cache_dir)
+  parallel.enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   per_device = parallel.check_global_batch(config.train.batch_size)
   _say(f"{jax.process_count()} process(es), {jax.device_count()} device(s) "

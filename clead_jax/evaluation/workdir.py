@@ -256,6 +256,7 @@ def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=No
   config = load_config(workdir)
   report_dir = threat_model_dir(workdir, config, epsilon, norm)
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
+  parallel.enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   dataset = input_pipeline.load_dataset(config.data)
   model = train_state.build(config, dataset)
@@ -319,6 +320,7 @@ def evaluate_torch_checkpoint(config, torch_path, workdir, attacks=None, num_exa
   from clead_jax import config_tools  # pylint: disable=g-import-not-at-top
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
   dataset = input_pipeline.load_dataset(config.data)
+  parallel.enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
   network, variables, _, _, origin = load_torch_model(config, torch_path, dataset, mesh)
   n = num_test_examples(num_examples if num_examples is not None else config.eval.num_examples,
