@@ -5,7 +5,9 @@
 # the train step against PyTorch eager (channels_last, autocast, cuDNN benchmark) and under
 # torch.compile, AutoAttack standard ours against pyautoattack on the same weights and points, and
 # one epoch of the real training loop on a SYNTHETIC 50,000-image TFDS cifar10 beside the bench's
-# step rate for the same model, batch and dtype.
+# step rate for the same model, batch and dtype; last, the CPU table's AutoAttack bench on a trained
+# model (BENCHMARKS.md): the digits quickstart trained here, ours against the reference on its
+# weights and all 360 test points.
 # SUITE=attacks times instead every evaluation attack of the README's attack-time table on one
 # batch of 256 CIFAR-sized images for ResNet-18 (width 64): FGSM, PGD-20, PGD-100, CW, AutoAttack.
 # Meant to finish within 8 minutes: ResNet-18 first, a deadline that skips what would not fit,
@@ -72,6 +74,8 @@ compare_runs=(
   "loop_rate|loop_rate --workdir $out_dir/loop"
   "compare_resnet18_b128_bfloat16|train_step $r18 --batch 128 --pgd-steps 10 --dtype bfloat16 --runs 5 --compare torch --torch-device cuda"
   "compare_wrn34-10_b128_bfloat16|train_step $wrn --batch 128 --pgd-steps 10 --dtype bfloat16 --runs 5 --compare torch --torch-device cuda"
+  "digits_for_autoattack|!-m clead_jax.main --config configs/digits.py --workdir $out_dir/digits --config.eval.attacks=fgsm --config.eval.curve_points=0"
+  "compare_autoattack_digits_n360|autoattack --workdir $out_dir/digits --num_examples 360 --compare reference --torch-device cuda"
 )
 case "$suite" in
   train) ;;

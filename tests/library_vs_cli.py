@@ -3,6 +3,8 @@
   python -m clead_jax.evaluate --workdir runs/digits --attacks=autoattack
   python -m tests.library_vs_cli runs/digits
 
+on a CPU-only machine first makes one CPU device per core, as evaluate does by default and as the
+README tells library users to (`jax.config.update("jax_num_cpu_devices", ...)`); then it
 evaluates the workdir's evaluated weights (the averaged ones when EMA is on) with
 clead_jax.robustness.evaluate on the same test points as the workdir's report, then prints whether
 the per-example flags (clean, AutoAttack and each stage) equal those in DIR/report_examples.npz,
@@ -24,6 +26,7 @@ def main(workdir):
   from clead_jax import robustness
   from clead_jax import train_state
   from clead_jax.evaluation import workdir as workdir_lib
+  parallel.use_cpu_cores_as_devices()  # before the first JAX operation, as evaluate
   report = report_lib.read_examples(workdir)
   cli = workdir_lib.load_config(workdir)
   with open(f"{workdir}/report.json") as f:

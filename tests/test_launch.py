@@ -290,7 +290,7 @@ def test_gpu_bench_compare_suite_has_every_row_of_the_comparison():
   env = dict(os.environ, SUITE="compare")
   out = subprocess.run(["bash", "launch/gpu_bench.sh", "--dry-run", "OUT"], cwd=REPO, check=True,
                        capture_output=True, text=True, env=env).stdout
-  rows, loop = set(), None
+  rows, loop, trained, on_workdir = set(), None, None, None
   for line in out.splitlines():
     argv = shlex.split(line)
     if "clead_jax.bench" in argv:
@@ -299,8 +299,19 @@ def test_gpu_bench_compare_suite_has_every_row_of_the_comparison():
         rows.add((args.model, args.batch, args.dtype, args.compare))
       else:
         rows.add((args.command, getattr(args, "compare", None)))
+      if getattr(args, "workdir", None):
+        on_workdir = args
     elif "clead_jax.main" in argv:
-      loop = argv[argv.index("clead_jax.main") + 1:]
+      main_args = argv[argv.index("clead_jax.main") + 1:]
+      if "configs/digits.py" in main_args:
+        trained = main_args
+      else:
+        loop = main_args
+  # The CPU table's AutoAttack bench on a trained model, on the GPU: the quickstart's model,
+  # trained first, ours against the reference on all 360 test points.
+  assert trained[trained.index("--workdir") + 1] == on_workdir.workdir == "OUT/digits"
+  assert (on_workdir.command, on_workdir.compare, on_workdir.num_examples,
+          on_workdir.torch_device) == ("autoattack", "reference", 360, "cuda")
   assert ("resnet18", 512, "bfloat16", "torch,torch_compile") in rows
   for row in (("resnet18", 512, "float32", "torch"), ("resnet18", 128, "bfloat16", "torch"),
               ("wide_resnet", 128, "bfloat16", "torch"), ("resnet18", 128, "float32", "torch"),

@@ -21,6 +21,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from clead_jax import parallel
+from clead_jax.bench import autoattack_workdir
 from clead_jax.bench import measure
 from clead_jax.bench import workloads
 from clead_jax.errors import UserError
@@ -81,10 +83,18 @@ def _parser():
   compare.add_argument("--depth", type=int, default=34)
   compare.add_argument("--widen", type=int, default=10)
   compare.add_argument("--num_examples", type=int, default=256)
-  compare.add_argument("--batch", type=int, default=256, help="batch size of both")
+  compare.add_argument("--batch", type=int, default=None,
+                       help="batch size of both (default 256; with --workdir its "
+                            "config.eval.batch_size)")
   compare.add_argument("--epsilon", type=float, default=1 / 255,
                        help="L-inf epsilon (small: a random model must keep some points)")
   compare.add_argument("--compare", choices=("reference",), default=None)
+  compare.add_argument("--workdir", default=None,
+                       help="a trained workdir: its evaluated weights and first --num_examples "
+                            "test points (bench/autoattack_workdir.py) instead of a random model")
+  compare.add_argument("--cpu_devices", type=int, default=None,
+                       help="with --workdir: CPU devices for ours, as evaluate's flag (default: "
+                            "one per usable core)")
   compare.add_argument("--torch-device", default="cpu")
   compare.add_argument("--config", default=workloads.DEFAULT_CONFIG)
   compare.add_argument("--json", default=None)
@@ -350,6 +360,10 @@ def main(argv=None):
     print(table(args.paths))
     return {}
   args.command_line = "python -m clead_jax.bench " + " ".join(argv)
+  if args.command == "autoattack":
+    args.batch_size_given, args.batch = args.batch, args.batch or 256
+    if args.workdir:  # what evaluate runs: one CPU device per core unless told otherwise
+      parallel.use_cpu_cores_as_devices(args.cpu_devices)
   if args.command == "loop_rate":
     result = workloads.loop_rate(args.workdir)
     result["command"] = args.command_line
@@ -367,6 +381,18 @@ def main(argv=None):
     return {}
   print(f"{measure.machine_description()}; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}", flush=True)
+  if args.command == "autoattack" and args.workdir:
+    result = autoattack_workdir.compare(args.workdir, args.num_examples,
+                                        reference=args.compare == "reference",
+                                        batch_size=args.batch_size_given,
+                                        torch_device=args.torch_device)
+    result["command"] = args.command_line
+    print(autoattack_workdir.markdown(result), flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    return result
   if args.command == "autoattack":
     config = workloads.load_config(args.config, {"model.name": args.model, "model.width": args.width,
                                                  "model.depth": args.depth,
