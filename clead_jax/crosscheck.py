@@ -42,8 +42,11 @@ class _StageLog(logging.Handler):
     super().__init__(logging.DEBUG)
     self.after = {}
     self.total_time = {}  # seconds since the attacks started, at the end of each stage
+    self.warnings = []  # the reference's own checks (its checks.py) that fired
 
   def emit(self, record):
+    if record.levelno >= logging.WARNING:
+      self.warnings.append(record.getMessage())
     match = _STAGE_LINE.search(record.getMessage())
     if match:
       self.after[match.group(1).lower()] = float(match.group(2)) / 100.0
@@ -79,9 +82,10 @@ class _StageLog(logging.Handler):
 
 def reference_autoattack(torch_model, images, labels, *, epsilon, norm, version="standard",
                          attacks=None, batch_size=250, seed=0, device="cpu", stage_times=None,
-                         apgd_restarts=None):
+                         apgd_restarts=None, warnings=None):
   """(robust per example, {stage: accuracy after it}, seconds) of the reference AutoAttack;
-  `stage_times`, a dict, receives each stage's seconds.
+  `stage_times`, a dict, receives each stage's seconds, and `warnings`, a list, the warnings of
+  the reference's own checks (e.g. Square lowering the accuracy after the white-box attacks).
 
   images: NHWC in [0, 1] (numpy); the model takes NCHW. attacks: the reference's names, with
   version 'custom' (e.g. ['apgd-ce'] or ['square'] alone). apgd_restarts: APGD-CE's restarts
@@ -116,6 +120,8 @@ def reference_autoattack(torch_model, images, labels, *, epsilon, norm, version=
   handler.check(list(attack.attacks_to_run), float(clean.float().mean()), float(robust.mean()))
   if stage_times is not None:
     stage_times.update(handler.stage_times())
+  if warnings is not None:
+    warnings.extend(handler.warnings)
   return robust, handler.after, time.time() - start
 
 
@@ -181,6 +187,7 @@ def to_markdown(result):
   lines += ["", f"Broken only by ours: {result['broken_only_by_ours'] or 'none'}.",
             f"Broken only by the reference: {result['broken_only_by_reference'] or 'none'}."]
   lines += [f"\n**Warning:** {w}" for w in result["warnings"]]
+  lines += [f"\nThe reference's own check: {w}" for w in result.get("reference_warnings", [])]
   return "\n".join(lines) + "\n"
 
 
@@ -221,10 +228,11 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
   state_dict, _ = torch_weights.to_torch(config.model, jax.device_get(variables))
   torch_model = torch_weights.torch_module(arch, mean, std, state_dict)
   images, labels = dataset.test_images[:n], dataset.test_labels[:n]
-  reference_times = {}
+  reference_times, reference_warnings = {}, []
   robust, after, seconds = reference_autoattack(
       torch_model, input_pipeline.to_float(images), labels, epsilon=report["epsilon"],
-      norm=report["norm"], batch_size=batch_size, stage_times=reference_times)
+      norm=report["norm"], batch_size=batch_size, stage_times=reference_times,
+      warnings=reference_warnings)
   import torch  # pylint: disable=g-import-not-at-top
   with torch.no_grad():
     x = torch.as_tensor(np.asarray(input_pipeline.to_float(images), np.float32)).permute(0, 3, 1, 2)
@@ -237,7 +245,7 @@ def crosscheck_workdir(workdir, num_examples=None, batch_size=250):
                 checkpoint_source=report["evaluation"]["checkpoint_source"],
                 weights_fingerprint=report["evaluation"]["weights_fingerprint"],
                 config_fingerprint=report["evaluation"]["config_fingerprint"],
-                report_examples=len(stored["clean"]),
+                report_examples=len(stored["clean"]), reference_warnings=reference_warnings,
                 reference="pyautoattack, version standard, seed 0, "
                 f"batch size {batch_size}, {torch.get_num_threads()} PyTorch threads")
   if jax.process_index() == 0:

@@ -21,6 +21,7 @@ import numpy as np
 def main(workdir):
   # pylint: disable=g-import-not-at-top
   from clead_jax import input_pipeline
+  from clead_jax import models
   from clead_jax import parallel
   from clead_jax import report as report_lib
   from clead_jax import robustness
@@ -37,7 +38,9 @@ def main(workdir):
   model = train_state.build(cli, dataset)
   state, _, _ = workdir_lib.restore_checkpoint(workdir, cli, model, parallel.make_mesh())
   variables = jax.device_get(workdir_lib.evaluated_variables(state, cli))
-  logits = lambda params, x: model.network.apply(params, x, train=False)[0]
+  def logits(params, x):  # the CLI's function: its Evaluator traces the network so
+    with models.evaluation_pooling():
+      return model.network.apply(params, x, train=False)[0]
   start = time.time()
   result = robustness.evaluate(logits, dataset.test_images[:n], dataset.test_labels[:n],
                                epsilon=cli.attack.epsilon, norm=cli.attack.norm,
