@@ -324,6 +324,8 @@ def table(paths) -> str:
     name = os.path.splitext(os.path.basename(path))[0]
     if "skipped" in result or "failed" in result:
       others.append(f"- {name}: {'skipped (' + result['skipped'] + ')' if 'skipped' in result else 'failed, exit ' + str(result['failed'])}")
+    elif "forward_flops_per_image" in result:  # autoattack --workdir: its own table
+      others.append(autoattack_workdir.markdown(result))
     elif "ours" in result:  # autoattack against the reference
       ours, reference = result["ours"], result.get("reference")
       stages = ", ".join(f"{stage} {v['accuracy_after']:.3f} in {v['time_s']:.1f} s"
