@@ -7,6 +7,10 @@ is both undone here: the per-example robust flags after every stage must be the 
 new path must make fewer passes through the network (counted, as the benchmark counts them).
 """
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,3 +108,28 @@ def test_old_and_new_path_give_the_same_flags_after_every_stage(digits, monkeypa
   assert new.clean.sum() > robust[0], robust
   assert new_passes["forward"] < old_passes["forward"], (new_passes, old_passes)
   assert new_passes["backward"] < old_passes["backward"], (new_passes, old_passes)
+
+
+def test_one_cpu_device_per_core_unless_xla_flags_say_otherwise():
+  """evaluate's default (parallel.use_cpu_cores_as_devices), in fresh processes: one CPU device per
+  usable core, N when given, none when XLA_FLAGS already sets the host device count."""
+  code = ("import sys; from clead_jax import parallel; "
+          "count = parallel.use_cpu_cores_as_devices(*[int(a) for a in sys.argv[1:]]); "
+          "import jax; print(count, jax.device_count())")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = lambda args, env: subprocess.run([sys.executable, "-c", code] + args, env=env, check=True,
+                                         capture_output=True, text=True).stdout.split()
+  cores = parallel.usable_cores()
+  assert run([], env) == ([str(cores), str(cores)] if cores > 1 else ["0", "1"])
+  assert run(["3"], env) == ["3", "3"]
+  forced = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=5")
+  assert run([], forced) == ["0", "5"]
+
+
+def test_evaluate_rejects_a_bad_cpu_devices_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "clead_jax.evaluate", "--workdir",
+                           str(tmp_path / "run"), "--cpu_devices=0"], capture_output=True,
+                          text=True)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1, result.stderr
+  assert "--cpu_devices=0 must be >= 1" in lines[0]
