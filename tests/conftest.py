@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  # Two workers share the two cores: PyTorch's OpenMP threads (the reference AutoAttack, the
+  # PyTorch twins) would otherwise spin against the other worker's work. Set before torch loads.
+  os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -27,9 +27,9 @@ from clead_jax.evaluation import sharded
 from clead_jax.evaluation import suite
 from clead_jax.evaluation import workdir as workdir_lib
 
-NUM_EXAMPLES = 120
+NUM_EXAMPLES = 80
 EPSILON = 0.05  # the session's model is trained cleanly: at 0.2 APGD-CE would leave nothing
-SETTINGS = {"n_iter": 20, "fab_iter": 20, "n_queries": 150}
+SETTINGS = {"n_iter": 15, "fab_iter": 15, "n_queries": 100}
 
 
 def _xla_max_pool(x):
