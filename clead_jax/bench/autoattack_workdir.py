@@ -98,24 +98,18 @@ def _flops_per_image(apply_fn, variables, x):
   return forward / x.shape[0], (both - forward) / x.shape[0]
 
 
-def _stages(names, times, start, after, compile_of=None, counts_of=None):
-  """Per stage: accuracy after it, seconds, and what compile_of/counts_of(start, end) give for
-  the stage's span of wall time."""
-  rows, at = {}, start
-  for name, seconds, flags in zip(names, times, after):
-    row = {"accuracy_after": float(np.mean(flags)), "time_s": seconds}
-    if compile_of:
-      row["compile_s"] = compile_of(at, at + seconds)
-    if counts_of:
-      row.update(counts_of(at, at + seconds))
-    rows[name] = row
+def _spans(durations, end):
+  """(start, end) wall times of consecutive stages of `durations` seconds that ended at `end`."""
+  at = end - sum(durations)
+  for seconds in durations:
+    yield at, at + seconds
     at += seconds
-  return rows
 
 
-def _add_rates(stages, flops, peak, compile_key=True):
+def _add_rates(stages, flops, peak):
+  """Achieved FLOP/s of each stage's counted passes over its seconds without compilation."""
   for row in stages.values():
-    run_s = row["time_s"] - (row.get("compile_s", 0.0) if compile_key else 0.0)
+    run_s = row["time_s"] - row.get("compile_s", 0.0)
     done = row.get("forward", 0) * flops[0] + row.get("backward", 0) * flops[1]
     row["achieved_flops"] = done / run_s if run_s > 0 else float("nan")
     row["share_of_peak"] = row["achieved_flops"] / peak
@@ -133,11 +127,13 @@ def run_ours(network, variables, images, labels, *, epsilon, norm, batch_size, s
   result = runner.run(variables, images, labels, epsilon)
   total = time.time() - start
   events.listening = False
-  # Stage spans begin after the clean pass: the time before the first stage is the clean pass.
-  first = start + total - sum(result.stage_times_s)
-  clean_compile = events.between(start, first)
-  stages = _stages(result.stage_names, result.stage_times_s, first, result.robust_after,
-                   compile_of=events.between)
+  # The stages end with the run; the time before the first stage is the clean pass.
+  spans = list(_spans(result.stage_times_s, start + total))
+  first = spans[0][0]
+  stages = {name: {"accuracy_after": float(np.mean(flags)), "time_s": seconds,
+                   "compile_s": events.between(*span)}
+            for name, flags, seconds, span in zip(result.stage_names, result.robust_after,
+                                                  result.stage_times_s, spans)}
   counter = PassCounter()
   counting = autoattack_runner.Runner(counting_apply(evaluator.apply, counter), mesh, norm,
                                       batch_size, seed)
@@ -146,13 +142,11 @@ def run_ours(network, variables, images, labels, *, epsilon, norm, batch_size, s
   if not np.array_equal(counted.robust_after, result.robust_after):
     raise RuntimeError("the counting run's flags differ from the timed run's: the Runner is not "
                        "deterministic here, so its counts would not be the timed run's")
-  count_first = count_start + counted.time_s - sum(counted.stage_times_s)
-  at = count_first
-  for row, seconds in zip(stages.values(), counted.stage_times_s):
-    row.update(counter.between(at, at + seconds))
-    at += seconds
+  for row, span in zip(stages.values(),
+                       _spans(counted.stage_times_s, count_start + counted.time_s)):
+    row.update(counter.between(*span))
   return {"time_s": total, "compile_s": events.between(start, start + total),
-          "clean_pass_s": first - start, "clean_compile_s": clean_compile,
+          "clean_pass_s": first - start, "clean_compile_s": events.between(start, first),
           "robust_accuracy": float(result.robust_after[-1].mean()),
           "clean_accuracy": float(result.clean.mean()), "stages": stages,
           "robust": result.robust_after[-1]}
@@ -181,15 +175,11 @@ def run_reference(module, images, labels, *, epsilon, norm, batch_size, seed, de
   robust, after, seconds = crosscheck.reference_autoattack(
       counted, images, labels, epsilon=epsilon, norm=norm, batch_size=batch_size,
       seed=seed, device=device, stage_times=times)
-  names = list(after)
-  stage_seconds = [times.get(name, 0.0) for name in names]
-  first = start + seconds - sum(stage_seconds)
-  stages = {}
-  at = first
-  for name, stage_s in zip(names, stage_seconds):
-    stages[crosscheck.STAGES[name]] = {"accuracy_after": after[name], "time_s": stage_s,
-                                       **counter.between(at, at + stage_s)}
-    at += stage_s
+  stage_seconds = [times.get(name, 0.0) for name in after]
+  stages = {crosscheck.STAGES[name]: {"accuracy_after": after[name], "time_s": stage_s,
+                                      **counter.between(*span)}
+            for name, stage_s, span in zip(after, stage_seconds,
+                                           _spans(stage_seconds, start + seconds))}
   return {"time_s": seconds, "robust_accuracy": float(robust.mean()), "stages": stages,
           "robust": robust, "torch_threads": torch.get_num_threads()}
 
@@ -227,7 +217,7 @@ def compare(workdir, num_examples, *, reference=True, batch_size=None, torch_dev
                                         torch_weights.to_torch(config.model, variables)[0])
     ref = run_reference(module, input_pipeline.to_float(images), labels, epsilon=epsilon,
                         norm=norm, batch_size=batch_size, seed=config.seed, device=torch_device)
-    _add_rates(ref["stages"], flops, peak, compile_key=False)
+    _add_rates(ref["stages"], flops, peak)
     result["reference"] = ref
     result["ratio"] = ref["time_s"] / ours["time_s"]
     result["robust_examples"] = {"ours": int(ours["robust"].sum()),
