@@ -21,8 +21,14 @@ TINY = ["--config.method=pgd_at", "--config.model.width=8", "--config.model.proj
 ALL_ATTACKS = "--config.eval.attacks=fgsm,pgd20,pgd100,cw"
 
 
-def env():
-  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+# LLVM optimisation off: these tiny runs compute for seconds and compile for longer, and the same
+# HLO compiles several times faster (every run of a test gets the same flags, so runs compared
+# with each other compute alike).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def env(xla_flags=FAST_COMPILE):
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
 
 
 def main_command(workdir, *extra, cache=None):
@@ -37,8 +43,8 @@ def run(argv, timeout=600):
                         timeout=timeout)
 
 
-def start(argv):
-  return subprocess.Popen(argv, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+def start(argv, xla_flags=FAST_COMPILE):
+  return subprocess.Popen(argv, cwd=REPO, env=env(xla_flags), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests import processes
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # real processes
@@ -31,7 +32,7 @@ def _args(workdir, cache_dir, *extra):
 
 
 def _env():
-  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=processes.FAST_COMPILE)
 
 
 def _run(workdir, cache_dir, *extra, timeout=300):

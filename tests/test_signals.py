@@ -79,8 +79,10 @@ def test_a_signal_during_the_first_compile_is_one_line_and_exit_128_plus_it(tmp_
   workdir = tmp_path / "run"
   name = signal.Signals(signum).name
   for _ in range(times):
-    # No compilation cache: a cold compile, which starts once config.json is written.
-    process = processes.start(processes.main_command(workdir, processes.ALL_ATTACKS))
+    # No compilation cache and XLA's usual optimisation: a cold compile long enough to be inside
+    # of, which starts once config.json is written.
+    process = processes.start(processes.main_command(workdir, processes.ALL_ATTACKS),
+                              xla_flags="")
     processes.wait_for(lambda: (workdir / "config.json").exists(), process)
     # config.json is written right before the compile starts; the tiny model's cold compile takes
     # about 2 s on an idle 2-core machine (3 s, as before, landed in training there).
