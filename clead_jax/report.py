@@ -91,6 +91,14 @@ class Report:
     if read_existing and workdir:
       self._continue_or_archive()
 
+  def announce_archive(self):
+    """One line on stdout (writer only) when an earlier report of another evaluation was set
+    aside: which directory, why, and where it is kept."""
+    if self.archived and self.is_writer:
+      print(f"clead_jax: the earlier report in {self.workdir} was of another evaluation "
+            f"({self.archived_because}); kept as {os.path.join(self.workdir, self.archived)}",
+            flush=True)
+
   # --- reading ---
 
   def _continue_or_archive(self):

@@ -191,9 +191,7 @@ def evaluate(logits_fn: Callable, images, labels, *, epsilon: float, norm: str =
             "epsilon": float(epsilon), "num_examples": int(len(labels))}
   is_writer = jax.process_index() == 0
   report = report_lib.Report(state_dir, header, identity, is_writer=is_writer)
-  if report.archived and is_writer:
-    print(f"clead_jax: the earlier report in {state_dir} was of another evaluation "
-          f"({report.archived_because}); kept as {report.archived}", flush=True)
+  report.announce_archive()
   if state_dir:
     attack_names = [name for name in attack_names if name not in report.flags]
   state_path = None

@@ -87,7 +87,7 @@ def test_evaluate_after_the_checkpoints_were_replaced_never_reports_the_old_mode
   assert archived == json.loads(json.dumps(old))  # kept whole, never merged
   assert os.path.exists(os.path.join(workdir, "report.5.examples.npz"))
   out = capsys.readouterr().out
-  assert ("the earlier report was of another evaluation (other weights "
+  assert (f"the earlier report in {workdir} was of another evaluation (other weights "
           f"{old['evaluation']['weights_fingerprint']} -> "
           f"{new['evaluation']['weights_fingerprint']})") in out
   assert "kept as" in out and "report.5.json" in out

@@ -216,9 +216,7 @@ def evaluate_state(config, workdir, network, state_variables, step, dataset, mes
                                       provenance.weights_fingerprint(state_variables)),
                   weights=weights)
   report = report_lib.Report(workdir, header, identity, is_writer=is_writer)
-  if report.archived and is_writer:
-    print(f"clead_jax: the earlier report was of another evaluation ({report.archived_because}); "
-          f"kept as {os.path.join(workdir, report.archived)}", flush=True)
+  report.announce_archive()
   if skip_measured:
     attack_names = [name for name in attack_names if name not in report.flags]
   surrogate = None
