@@ -93,6 +93,12 @@ def _host_reachable(host, timeout=5.0):
     return False
 
 
+def _not_prepared(name, where):
+  return UserError(f"dataset {name!r} is not prepared in {where} and config.data.download is "
+                   f"False; download it with --config.data.download=True (internet needed), "
+                   f"or {_supply(name, where)}")
+
+
 def _supply(name, where):
   """How to get a missing dataset: copy a prepared one, or (offline) prepare it from files."""
   routes = (f"copy a prepared '{name}' TFDS dataset into {where} or point --config.data.data_dir "
@@ -198,14 +204,17 @@ def channel_stats(images, directory=None):
 def load_tfds(name: str, data_config) -> Dataset:
   """Loads a TFDS image-classification dataset whole into host memory: one of DATASETS, or any
   other with 'image' and 'label' features (classes, shape and splits from the builder's info)."""
+  data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else ""
+  if (name in DATASETS and data_dir and not data_config.download
+      and not os.path.isdir(os.path.join(data_dir, name))):
+    # Said before TensorFlow loads (5 s): a dataset TFDS keeps nowhere under data_dir.
+    raise _not_prepared(name, os.path.abspath(data_dir))
   tfds = import_tfds()
   builder = _tfds_builder_or_error(name, data_config.data_dir)
   if not builder.is_prepared():
     where = os.path.dirname(os.path.dirname(builder.data_dir))
     if not data_config.download:
-      raise UserError(f"dataset {name!r} is not prepared in {where} and config.data.download is "
-                      f"False; download it with --config.data.download=True (internet needed), "
-                      f"or {_supply(name, where)}")
+      raise _not_prepared(name, where)
     host = _DOWNLOAD_HOSTS.get(name)
     if host and not _host_reachable(host):
       raise UserError(f"dataset {name!r} is not prepared in {where} and its source {host} cannot "

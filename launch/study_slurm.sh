@@ -94,7 +94,10 @@ submit() {
   else
     args+=(--output="$workdir/slurm/%x-%j.out")
   fi
-  args+=(--wrap="cd $(printf '%q' "$PWD") && ${activate}$command")
+  # exec: the task's shell becomes the study process, so that SLURM counts the task running
+  # until that process has saved its checkpoint after a cancel (a shell that dies first on
+  # SIGTERM leaves it running unseen where processes are tracked by parent, without cgroups).
+  args+=(--wrap="cd $(printf '%q' "$PWD") && ${activate}exec $command")
   show "${args[@]}" >&2
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     echo "<$name>"

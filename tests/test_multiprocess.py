@@ -218,7 +218,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_resumes(tmp_path):
   """SIGTERM to process 1 alone: both processes checkpoint the same step and exit 0 (none waits
   forever in a collective); the same command then resumes from that step and finishes."""
   workdir, cache = str(tmp_path / "run"), str(tmp_path / "xla_cache")
-  epochs = 6  # 66 steps: still training when the signal comes, soon after step 5
+  epochs = 3  # 33 steps: still training when the signal comes, soon after step 5
   command = ["bash", "launch/local.sh", "2", "4", "--", "--workdir", workdir, *ARGS,
              f"--config.train.epochs={epochs}", "--config.train.checkpoint_every=1000",
              f"--config.compilation_cache_dir={cache}"]

@@ -170,7 +170,7 @@ def test_slurm_dry_run_submits_the_plan_as_arrays_then_the_collection(tmp_path):
   assert options[0]["--gpus-per-task"] == "1"
   for argv, mode in zip(submitted, ["--run_index=$SLURM_ARRAY_TASK_ID"] * 2 + ["--collect"]):
     command = shlex.split(options[submitted.index(argv)]["--wrap"].split(" && ", 1)[1])
-    assert command[:3] == [sys.executable, "-m", "clead_jax.study"]
+    assert command[:4] == ["exec", sys.executable, "-m", "clead_jax.study"]
     assert command[-1] == mode and str(workdir) in command
   assert json.loads((workdir / "plan.json").read_text())["runs"][2]["needs"] == 0
 
