@@ -1,6 +1,7 @@
 """A study as a plan of independent runs (--plan, --run_index, --collect): separate processes,
 two at once, give the study the sequential command gives."""
 
+import fcntl
 import json
 import os
 import shlex
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+from clead_jax import workdir_lock
 from clead_jax.errors import UserError
 from clead_jax.study import runs as study
 from tests import processes
@@ -104,6 +106,22 @@ def _slurm_env(env):
               PYTHON=sys.executable, GPUS_PER_TASK="0", CPUS_PER_TASK="1", TIME_LIMIT="30:00")
 
 
+def _unlocked(path):
+  """Whether no process holds the workdir lock file `path`."""
+  try:
+    fd = os.open(path, os.O_RDWR)
+  except FileNotFoundError:
+    return True
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+  except BlockingIOError:
+    return False
+  finally:
+    os.close(fd)
+
+
 def _submit(env, workdir, cache, runs=None):
   env = dict(env, RUNS=runs) if runs else env
   result = subprocess.run(["bash", "launch/study_slurm.sh", *TRAINED_STUDY, "--workdir",
@@ -137,6 +155,12 @@ def test_the_study_on_a_real_slurm(sequential, tmp_path, cache):  # pylint: disa
     summary = json.loads((workdir / "study.json").read_text())
     assert summary["missing_runs"] == ["clead seed 0"]
 
+    # Where processes are tracked by parent (no cgroups, as here), SLURM can drop the cancelled
+    # task from the queue before its process has saved its checkpoint and exited; resubmitted
+    # then, the run meets the workdir lock ("is in use by another process"). Wait for the lock,
+    # as a user told so would.
+    lock = workdir / "clead" / "seed0" / workdir_lock.LOCK_FILE
+    slurm_cluster.wait(lambda: _unlocked(lock), 120, "the cancelled run's process to exit")
     _submit(env, workdir, cache, runs="1")
     slurm_cluster.wait(lambda: not slurm_cluster.queue(env), 600, "the resubmitted run")
     outputs = sorted((workdir / "slurm").glob("clead_study_runs-*_1.out"))
