@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests import processes
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # real processes
@@ -34,8 +35,7 @@ OVERRIDES = {"train.epochs": 1, "model.width": 8, "model.projection_dim": 16, "a
              "eval.attacks": "pgd20", "eval.curve_points": 0, "eval.num_examples": 360}
 ARGS = ["--config", "configs/digits.py"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 TIMEOUT_S = 300
-# LLVM optimisation off: 5x faster compiles of the same HLO; these runs compute for seconds.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+FAST_COMPILE = processes.FAST_COMPILE  # these runs compute for seconds and compile for longer
 
 
 def _run(command, env=None):
