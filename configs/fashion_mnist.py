@@ -26,6 +26,11 @@ The GPU recipe averages its weights (train.ema_decay=0.999); --config.eval.weigh
 the last weights instead. Weight perturbation: --config.train.awp_gamma=0.01 (AWP); single-step
 training: --config.attack.name=nfgsm (N-FGSM).
 
+The recipe of the public Fashion-MNIST AutoAttack number (PGD-AT at L-inf epsilon 0.3, MTandHJ/
+PyTorch-Robust; days on a CPU, RESULTS.md 1d has a cut of it):
+
+  python -m clead_jax.main --config configs/fashion_mnist.py:published --workdir runs/fashion_mnist_published
+
 Other methods: --config.method=standard | pgd_at | trades.
 """
 

@@ -271,7 +271,7 @@ def test_bad_new_values_are_one_line_naming_the_field(overrides, named):
 
 def test_fashion_mnist_recipes_are_valid_and_use_ema():
   module = importlib.import_module("configs.fashion_mnist")
-  for variant in ("gpu", "cpu", "cpu_full"):
+  for variant in ("gpu", "cpu", "cpu_full", "published"):
     config = module.get_config(variant)
     config_checks.validate(config)
   assert module.get_config("gpu").train.ema_decay > 0
