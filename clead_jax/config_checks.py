@@ -40,6 +40,7 @@ def validate(config):
   _choice(config, "train.optimizer", ("sgd", "adam"))
   _choice(config, "train.schedule", ("cosine", "piecewise", "constant"))
   _choice(config, "eval.weights", train_state.WEIGHTS)
+  _choice(config, "eval.indicators", (False, True))
   _at_least(config.attack.epsilon, 0.0, "attack.epsilon")
   _at_least(config.attack.step_size, 0.0, "attack.step_size")
   _at_least(config.attack.steps, 1, "attack.steps")

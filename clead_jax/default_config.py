@@ -97,6 +97,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.num_examples = -1  # the first N test images; -1: the whole test split
   config.eval.curve_points = 9  # robustness curve: epsilon from 0 to 2 epsilon
   config.eval.curve_attack = "pgd20"
+  # The indicators of attack failure (clead_jax/evaluation/indicators.py): they re-run PGD and
+  # AutoAttack's APGD stages on up to 512 points (a fifth to a third of an evaluation on a CPU)
+  # and change no accuracy; False leaves them out of the report.
+  config.eval.indicators = True
   config.eval.during_train_examples = 512  # validation examples that eval_every evaluates on
   # Workdir of a standard run on the same data: the surrogate of transfer_pgd3.
   config.eval.surrogate = ""

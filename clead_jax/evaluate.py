@@ -57,6 +57,9 @@ def _define_flags():
   flags.DEFINE_float("epsilon", None, "Evaluate at this epsilon instead of training's; the "
                      "report goes to DIR/<norm>_eps<E>/, the training epsilon's report stays.")
   flags.DEFINE_enum("norm", None, ["linf", "l2"], "With --epsilon: the norm (default: training's).")
+  flags.DEFINE_boolean("indicators", None, "Compute the indicators of attack failure (they "
+                       "re-run PGD and APGD on up to 512 points and change no accuracy); default "
+                       "config.eval.indicators.")
   flags.DEFINE_integer("cpu_devices", None, "On a machine without accelerators: split every batch "
                        "over this many CPU devices (default: one per usable core; 1: JAX's single "
                        "CPU device). Results do not depend on it.")
@@ -93,6 +96,8 @@ def main(argv):
         if values.config is None:
           raise UserError("--torch_checkpoint needs --config FILE: the data, model and threat "
                           "model to evaluate it with")
+        if values.indicators is not None:
+          values.config.eval.indicators = values.indicators
         if values.epsilon is not None:
           values.config.attack.epsilon = values.epsilon
           values.config.attack.norm = values.norm or values.config.attack.norm
@@ -105,7 +110,7 @@ def main(argv):
       else:
         report = workdir_lib.evaluate_workdir(values.workdir, values.attacks, values.checkpoint,
                                               values.num_examples, epsilon=values.epsilon,
-                                              norm=values.norm)
+                                              norm=values.norm, indicators=values.indicators)
     except stopping.Stopped as stopped:
       stopped.what_was_kept = ("the report keeps every attack finished so far"
                                + (f"; {stopped.what_was_kept}" if stopped.what_was_kept else "")

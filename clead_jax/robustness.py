@@ -157,7 +157,7 @@ def _attack_names(attacks):
 def evaluate(logits_fn: Callable, images, labels, *, epsilon: float, norm: str = "linf",
              attacks: Sequence[str] = ("autoattack",), batch_size: int = 512, seed: int = 0,
              state_dir: Optional[str] = None, progress: bool = True, params=None,
-             autoattack_settings: Optional[dict] = None) -> Result:
+             autoattack_settings: Optional[dict] = None, indicators: bool = True) -> Result:
   """Clean accuracy and accuracy under each attack of `attacks` (ATTACK_NAMES: "autoattack",
   "autoattack_plus", "autoattack_rand", "pgd20", "pgd100", "cw", "fgsm") at `epsilon` in `norm`
   ("linf" or "l2"), of `logits_fn` on `images` (N, H, W, C: uint8, or floats in [0, 1]) with
@@ -169,7 +169,9 @@ def evaluate(logits_fn: Callable, images, labels, *, epsilon: float, norm: str =
   its progress under it: a second call with the same function name, params, points, epsilon,
   norm and seed skips the attacks already measured and resumes AutoAttack where it stopped.
   `autoattack_settings` (e.g. {"n_iter": 10, "n_queries": 100}) shrink AutoAttack for a quick
-  look; the report then warns that its numbers are not AutoAttack's.
+  look; the report then warns that its numbers are not AutoAttack's. `indicators=False` leaves
+  out the indicators of attack failure (report["indicators"]): they re-run PGD and APGD on up to
+  512 points and change no accuracy.
   """
   images, labels = _checked_arrays(images, labels)
   attack_names = _attack_names(attacks)
@@ -201,7 +203,7 @@ def evaluate(logits_fn: Callable, images, labels, *, epsilon: float, norm: str =
   data = suite.evaluate(evaluator, variables, images, labels, epsilon=epsilon,
                         attack_names=attack_names, progress=progress and is_writer,
                         report=report, autoattack_state=state_path,
-                        autoattack_identity=identity)
+                        autoattack_identity=identity, with_indicators=indicators)
   return Result(data, {name: flags.copy() for name, flags in report.flags.items()})
 
 

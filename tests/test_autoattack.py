@@ -589,3 +589,23 @@ def test_unknown_checkpoint_step_lists_the_available_ones(untrained_workdir):
   assert process.returncode == 2, process.stderr
   lines = [line for line in process.stderr.splitlines() if line.strip()]
   assert lines[-1].startswith("error: --checkpoint=7") and "available steps: [5]" in lines[-1]
+
+
+def test_evaluate_command_noindicators_leaves_them_out(untrained_workdir):
+  """The command's --noindicators: the report of the same evaluation keeps its numbers and loses
+  the indicators block (of an earlier evaluation with them) and their lines in report.md."""
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "-m", "clead_jax.evaluate", "--workdir", untrained_workdir,
+       "--attacks=fgsm", "--num_examples=24", "--cpu_devices=1", *flags], cwd=REPO,
+      capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert run().returncode == 0
+  with open(os.path.join(untrained_workdir, "report.json")) as f:
+    before = json.load(f)
+  process = run("--noindicators")
+  assert process.returncode == 0, process.stderr
+  with open(os.path.join(untrained_workdir, "report.json")) as f:
+    after = json.load(f)
+  assert "indicators" in before and "indicators" not in after and "warnings" in after
+  assert after["robust_accuracy"]["fgsm"] == before["robust_accuracy"]["fgsm"]
+  with open(os.path.join(untrained_workdir, "report.md")) as f:
+    assert "Indicators of attack failure" not in f.read()

@@ -36,7 +36,8 @@ SIGNATURES = {
     "evaluate": "(logits_fn: Callable, images, labels, *, epsilon: float, norm: str = 'linf', "
                 "attacks: Sequence[str] = ('autoattack',), batch_size: int = 512, seed: int = 0, "
                 "state_dir: Optional[str] = None, progress: bool = True, params=None, "
-                "autoattack_settings: Optional[dict] = None) -> clead_jax.robustness.Result",
+                "autoattack_settings: Optional[dict] = None, indicators: bool = True) -> "
+                "clead_jax.robustness.Result",
     "Result": "(report: dict, flags: dict) -> None",
     "fgsm": _ATTACK + ", norm='linf', init='none', objective=<function ce_objective>)",
     "pgd": _ATTACK + ", step_size, steps, norm='linf', init='uniform', "
@@ -195,6 +196,51 @@ def test_state_dir_keeps_the_report_and_skips_what_was_measured(tmp_path, capsys
                               params=w * 2, progress=False, state_dir=str(tmp_path))
   assert set(other.robust_accuracy) == {"fgsm"}  # other weights: a new report
   assert "other weights" in capsys.readouterr().out
+
+
+def test_indicators_false_leaves_them_out_and_changes_no_number(tmp_path):
+  w = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32)
+  logits_fn = lambda params, x: x.reshape(x.shape[0], -1) @ params
+  images = np.random.default_rng(1).integers(0, 256, (24, 4, 4, 1), dtype=np.uint8)
+  labels = np.argmax(images.reshape(24, -1).astype(np.float32) / 255 @ w, -1)
+  run = lambda indicators, state_dir=None: robustness.evaluate(
+      logits_fn, images, labels, epsilon=0.05, attacks=("fgsm", "pgd20"), params=w,
+      progress=False, batch_size=8, indicators=indicators, state_dir=state_dir)
+  with_them, without = run(True), run(False)
+  assert "indicators" in with_them.report and "indicators" not in without.report
+  assert without.robust_accuracy == with_them.robust_accuracy
+  assert without.report["warnings"] == with_them.report["warnings"]
+  # A report that had them loses them when evaluated again without: they were of other numbers.
+  run(True, str(tmp_path))
+  assert "indicators" not in run(False, str(tmp_path)).report
+  with open(tmp_path / "report.json") as f:
+    assert "indicators" not in json.load(f)
+
+
+def test_autoattacks_black_box_warning_survives_a_resumed_evaluation():
+  """AutoAttack measured by an earlier call (its stage flags in the report, so not run again):
+  the black-box check is made from those flags, as if it had just run."""
+  # pylint: disable=g-import-not-at-top
+  from clead_jax.evaluation import checks
+  from clead_jax.evaluation import suite
+  w = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32)
+  images = np.random.default_rng(1).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
+  labels = np.argmax(images.reshape(5, -1).astype(np.float32) / 255 @ w, -1)
+  evaluator = suite.Evaluator(None, parallel.make_mesh(), "linf", 8, 0,
+                              apply_fn=lambda v, x: (x.reshape(x.shape[0], -1) @ v, x))
+  white, final = np.array([0, 1, 1, 1, 1], bool), np.array([0, 0, 1, 0, 1], bool)
+  report = report_lib.Report(None, {}, {}, is_writer=False)
+  report.add_clean(np.ones(5, bool))
+  report.add_attack("autoattack", final, 1.0, stages={
+      "autoattack/apgd_ce": white, "autoattack/apgd_t": white, "autoattack/fab_t": white,
+      "autoattack/square": final})
+  data = suite.evaluate(evaluator, w, images, labels, epsilon=0.05, attack_names=[],
+                        report=report, with_indicators=False)
+  expected = checks.black_box_warnings([autoattack_runner.Result(
+      "autoattack", ["apgd_ce", "apgd_t", "fab_t", "square"], [False, False, False, True],
+      np.ones(5, bool), np.stack([white, white, white, final]), 0.0)])
+  assert len(expected) == 1 and "fooled 2 of 5 points" in expected[0]
+  assert expected[0] in data["warnings"]
 
 
 # --- the README's examples ---------------------------------------------------------------------

@@ -106,9 +106,10 @@ def fake_final_weights(directory, config):
   return FAKE_WEIGHTS, 1
 
 
-def _fake_report(config, run_dir, clean, robust, curve=None):
+def _fake_report(config, run_dir, clean, robust, curve=None, checked=True):
   """A report as a run's final evaluation writes it (its identity that of step 1 of 1 with the
-  weights fake_final_weights names), without per-example flags."""
+  weights fake_final_weights names), without per-example flags; `checked=False`: as one stopped
+  after its last attack, before its final checks."""
   os.makedirs(run_dir, exist_ok=True)
   report = {"method": config.method, "dataset": "digits", "model": "small_cnn", "norm": "linf",
             "epsilon": 0.2, "num_examples": 40, "clean_accuracy": clean,
@@ -119,6 +120,8 @@ def _fake_report(config, run_dir, clean, robust, curve=None):
                            "checkpoint_step": 1, "checkpoint_source": "checkpoints",
                            "num_examples": 40, "epsilon": float(config.attack.epsilon),
                            "norm": config.attack.norm}}
+  if checked:
+    report["warnings"] = []
   if curve is not None:
     report["robustness_curve"] = {"attack": "pgd20", "epsilon": [0.0, 0.2, 0.4], "accuracy": curve}
   with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -243,11 +246,32 @@ def test_finished_run_with_another_config_is_an_error(tmp_path):
   def must_not_train(config, run_dir):
     raise AssertionError(f"trained {config.method} again in {run_dir}")
 
-  study.run_study(_config(**{"eval.batch_size": 7, "train.log_every": 3}), str(tmp_path),
+  study.run_study(_config(**{"eval.batch_size": 7, "train.log_every": 3,
+                              "eval.indicators": False}), str(tmp_path),
                   ["clead"], 1, train_fn=must_not_train, final_weights=fake_final_weights)
   with pytest.raises(UserError, match="config.loss.temperature"):
     study.run_study(_config(**{"loss.temperature": 0.5}), str(tmp_path), ["clead"], 1,
                     train_fn=fake)
+
+
+def test_a_report_stopped_before_its_final_checks_is_resumed(tmp_path):
+  """Every attack is in the report but its warnings (and indicators) are not: the evaluation was
+  stopped in its last phase, so the run is resumed, not counted as finished."""
+  stopped = lambda config, run_dir: _fake_report(config, run_dir, 0.9, {"pgd20": 0.5},
+                                                 checked=False)
+  study.run_study(_config(), str(tmp_path), ["clead"], 1, train_fn=stopped)
+  resumed = []
+
+  def resume(config, run_dir):
+    resumed.append(run_dir)
+    return _fake_report(config, run_dir, 0.9, {"pgd20": 0.5})
+
+  study.run_study(_config(), str(tmp_path), ["clead"], 1, train_fn=resume,
+                  final_weights=fake_final_weights)
+  assert len(resumed) == 1
+  study.run_study(_config(), str(tmp_path), ["clead"], 1, train_fn=resume,
+                  final_weights=fake_final_weights)
+  assert len(resumed) == 1  # now finished
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path):

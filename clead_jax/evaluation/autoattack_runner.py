@@ -281,6 +281,19 @@ class Runner:
                   already + time.time() - start_time, None if resumed else stage_times)
 
 
+def result_from_flags(name, flags):
+  """The Result of AutoAttack version `name` as a report's flags hold it ("clean", name and
+  "name/<stage>" for each stage run), for the checks of an evaluation that resumed after the
+  version had finished; its times are unknown (0)."""
+  # The stages' names and which are black-box depend on the version only, not on the classes,
+  # epsilon or norm given here.
+  stage_list = versions.stages(versions.ATTACK_NAMES[name], 10, epsilon=0.0, norm="linf")
+  ran = [s for s in stage_list if f"{name}/{s.name}" in flags]
+  return Result(name, [s.name for s in ran], [s.black_box for s in ran],
+                np.asarray(flags["clean"], bool),
+                np.stack([np.asarray(flags[f"{name}/{s.name}"], bool) for s in ran]), 0.0)
+
+
 def discard_state(state_path):
   """Removes a finished evaluation's saved progress (its result is in the report)."""
   if state_path and jax.process_index() == 0 and os.path.exists(state_path):

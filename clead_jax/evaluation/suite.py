@@ -179,9 +179,11 @@ class Evaluator:
 
 def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, curve_points=0,
              curve_attack="pgd20", progress=False, report=None, surrogate=None,
-             autoattack_state=None, autoattack_identity=None):
+             autoattack_state=None, autoattack_identity=None, with_indicators=True):
   """Runs the suite into `report` (a report.Report; written after every attack, so a stop keeps
-  what finished); returns the report as a dict.
+  what finished); returns the report as a dict. The report's "warnings" (and, with
+  `with_indicators`, its "indicators" block) come last: a report without them is of an
+  evaluation that was stopped before its end.
 
   autoattack_state(name) -> the path where AutoAttack `name` saves its progress (None: not
   saved).
@@ -224,6 +226,12 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
     report.write()
     if name in AUTOATTACK_NAMES and autoattack_state:
       autoattack_runner.discard_state(autoattack_state(name))
+  # AutoAttack versions measured by an earlier, stopped call of this evaluation (the report
+  # holds their stage flags): their black-box check is made here as well.
+  autoattack_results += [
+      autoattack_runner.result_from_flags(name, report.flags)
+      for name in AUTOATTACK_NAMES
+      if name in report.flags and name not in [r.name for r in autoattack_results]]
   if curve_points:
     epsilons = np.linspace(0.0, 2.0 * epsilon, curve_points)
     report.set(robustness_curve={
@@ -242,7 +250,11 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
       + checks.black_box_warnings(autoattack_results)
       + checks.monotonicity_warnings(white_box, data.get("robustness_curve"), len(labels))
       + checks.gradient_warnings(*evaluator.input_gradient_flags(variables, images, labels))),
-      indicators=indicators.compute(evaluator, variables, images, labels, epsilon=epsilon,
-                                    report=report),
       eval_time_s=time.time() - start)
+  if with_indicators:
+    report.set(indicators=indicators.compute(evaluator, variables, images, labels,
+                                             epsilon=epsilon, report=report),
+               eval_time_s=time.time() - start)
+  else:
+    report.data.pop("indicators", None)  # an earlier evaluation's, not of these numbers
   return report.write()

@@ -232,7 +232,7 @@ def evaluate_state(config, workdir, network, state_variables, step, dataset, mes
       attack_names=attack_names, curve_points=config.eval.curve_points,
       curve_attack=config.eval.curve_attack, progress=progress and is_writer, report=report,
       surrogate=surrogate, autoattack_state=lambda name: os.path.join(state_dir, f"{name}.npz"),
-      autoattack_identity=identity)
+      autoattack_identity=identity, with_indicators=config.eval.indicators)
 
 
 def threat_model_dir(workdir, config, epsilon=None, norm=None):
@@ -248,10 +248,13 @@ def threat_model_dir(workdir, config, epsilon=None, norm=None):
 
 
 def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=None,
-                     progress=True, epsilon=None, norm=None) -> dict:
+                     progress=True, epsilon=None, norm=None, indicators=None) -> dict:
   """Evaluates a checkpoint of `workdir`; adds to its report and returns it. With `epsilon`
-  (and `norm`) other than training's, the report is DIR/<norm>_eps<E>/'s."""
+  (and `norm`) other than training's, the report is DIR/<norm>_eps<E>/'s. `indicators`: whether
+  the indicators of attack failure are computed (None: config.eval.indicators)."""
   config = load_config(workdir)
+  if indicators is not None:
+    config.eval.indicators = bool(indicators)
   report_dir = threat_model_dir(workdir, config, epsilon, norm)
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
   parallel.enable_compilation_cache(config.compilation_cache_dir)

@@ -17,7 +17,8 @@ Layout of DIR:
                                    ablations that share DIR with the main study reuse its runs;
   study.md, study.json, study_robust_vs_clean.png, study_curves.png: the summary; with --sweep
                                    named after the swept fields (study_loss.lam.md, ...).
-A run whose report.json exists is not repeated (its config.json must match, else an error names
+A run whose report.json holds every attack and the final checks ("warnings": an evaluation
+stopped before them is resumed) is not repeated (its config.json must match, else an error names
 the differing fields) if that report is the run's final evaluation: of its last checkpoint (the
 weights' fingerprint checked against it), its training config and the study's examples and threat
 model. Another report (after `evaluate --checkpoint=best` or `--num_examples=100`, or of weights
@@ -53,10 +54,10 @@ TRANSFER = "transfer_pgd3"
 SURROGATE_METHOD = "standard"
 _NO_SWEEP_FIELDS = ("method", "seed")  # set by --methods and --seeds
 # Fields a finished run may differ in and still count as done: they change neither the training
-# nor the report.
+# nor a number of the report (eval.indicators adds or leaves out a diagnostic block).
 _REPORT_NEUTRAL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                           "data.data_dir", "data.download", "compilation_cache_dir",
-                          "eval.batch_size")
+                          "eval.batch_size", "eval.indicators")
 
 
 def default_eval_attacks(methods, baselines=()):
@@ -184,8 +185,9 @@ def finished_report(directory, config):
   with open(report_path) as f:
     report = json.load(f)
   wanted_attacks = suite.parse_attack_names(config.eval.attacks)
-  if any(name not in report["robust_accuracy"] for name in wanted_attacks):
-    return None  # its final evaluation was stopped: the run resumes it
+  if (any(name not in report["robust_accuracy"] for name in wanted_attacks)
+      or "warnings" not in report):  # stopped before its last attack, or before its checks
+    return None  # the run resumes its final evaluation
   return report
 
 
