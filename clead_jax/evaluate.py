@@ -27,7 +27,11 @@ Another threat model than training's (the report of the training epsilon is left
   python -m clead_jax.evaluate --workdir runs/digits --epsilon 0.1 [--norm l2]
 
 writes a report of its own into DIR/<norm>_eps<E>/ (report.json, report.md, ...), which
-accumulates like the main one.
+accumulates like the main one. Other test examples than the run's report (e.g. PGD-20 on the
+whole split of a study run evaluated on 1,000), without touching that report:
+
+  python -m clead_jax.evaluate --workdir runs/digits --attacks=pgd20 --num_examples=-1 \
+      --report_dir runs/digits/all_test
 
 One process writes a workdir at a time (DIR/clead_jax.lock names it); the workdir is checked
 for writing before any work.
@@ -57,6 +61,8 @@ def _define_flags():
   flags.DEFINE_float("epsilon", None, "Evaluate at this epsilon instead of training's; the "
                      "report goes to DIR/<norm>_eps<E>/, the training epsilon's report stays.")
   flags.DEFINE_enum("norm", None, ["linf", "l2"], "With --epsilon: the norm (default: training's).")
+  flags.DEFINE_string("report_dir", None, "Write the report into this directory instead of the "
+                      "workdir's (whose report stays as it is), e.g. for other --num_examples.")
   flags.DEFINE_boolean("indicators", None, "Compute the indicators of attack failure (they "
                        "re-run PGD and APGD on up to 512 points and change no accuracy); default "
                        "config.eval.indicators.")
@@ -89,6 +95,11 @@ def main(argv):
     if values.epsilon is not None and not values.epsilon > 0:
       raise UserError(f"--epsilon={values.epsilon} must be > 0")
     workdir_lock.check_writable(values.workdir, "--workdir")
+    if values.report_dir:
+      if values.torch_checkpoint:
+        raise UserError("--report_dir is for a training workdir's evaluation; with "
+                        "--torch_checkpoint the report goes to --workdir")
+      workdir_lock.check_writable(values.report_dir, "--report_dir")
     if jax.process_index() == 0:
       workdir_lock.acquire(values.workdir)
     try:
@@ -110,7 +121,8 @@ def main(argv):
       else:
         report = workdir_lib.evaluate_workdir(values.workdir, values.attacks, values.checkpoint,
                                               values.num_examples, epsilon=values.epsilon,
-                                              norm=values.norm, indicators=values.indicators)
+                                              norm=values.norm, indicators=values.indicators,
+                                              report_dir=values.report_dir)
     except stopping.Stopped as stopped:
       stopped.what_was_kept = ("the report keeps every attack finished so far"
                                + (f"; {stopped.what_was_kept}" if stopped.what_was_kept else "")

@@ -609,3 +609,26 @@ def test_evaluate_command_noindicators_leaves_them_out(untrained_workdir):
   assert after["robust_accuracy"]["fgsm"] == before["robust_accuracy"]["fgsm"]
   with open(os.path.join(untrained_workdir, "report.md")) as f:
     assert "Indicators of attack failure" not in f.read()
+
+
+def test_evaluate_command_report_dir_keeps_the_workdirs_report(untrained_workdir, tmp_path):
+  """--report_dir: an evaluation on other examples goes there; the run's report is untouched."""
+  paths = [os.path.join(untrained_workdir, name) for name in ("report.json", "report.md")]
+  before = [open(path).read() for path in paths]  # pylint: disable=consider-using-with
+  other = str(tmp_path / "all_test")
+  process = subprocess.run(
+      [sys.executable, "-m", "clead_jax.evaluate", "--workdir", untrained_workdir,
+       "--attacks=fgsm", "--num_examples=12", "--cpu_devices=1", "--noindicators",
+       f"--report_dir={other}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert process.returncode == 0, process.stderr
+  assert [open(path).read() for path in paths] == before  # pylint: disable=consider-using-with
+  with open(os.path.join(other, "report.json")) as f:
+    written = json.load(f)
+  assert written["num_examples"] == 12 and list(written["robust_accuracy"]) == ["fgsm"]
+  process = subprocess.run(
+      [sys.executable, "-m", "clead_jax.evaluate", "--workdir", untrained_workdir,
+       f"--report_dir={untrained_workdir}"], cwd=REPO, capture_output=True, text=True,
+      timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert process.returncode == 2
+  assert process.stderr.strip().splitlines()[-1].startswith("error: --report_dir")

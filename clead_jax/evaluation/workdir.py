@@ -248,14 +248,23 @@ def threat_model_dir(workdir, config, epsilon=None, norm=None):
 
 
 def evaluate_workdir(workdir, attacks=None, checkpoint="latest", num_examples=None,
-                     progress=True, epsilon=None, norm=None, indicators=None) -> dict:
+                     progress=True, epsilon=None, norm=None, indicators=None,
+                     report_dir=None) -> dict:
   """Evaluates a checkpoint of `workdir`; adds to its report and returns it. With `epsilon`
-  (and `norm`) other than training's, the report is DIR/<norm>_eps<E>/'s. `indicators`: whether
-  the indicators of attack failure are computed (None: config.eval.indicators)."""
+  (and `norm`) other than training's, the report is DIR/<norm>_eps<E>/'s; with `report_dir`, that
+  directory's (the workdir's own report stays as it is). `indicators`: whether the indicators of
+  attack failure are computed (None: config.eval.indicators)."""
   config = load_config(workdir)
   if indicators is not None:
     config.eval.indicators = bool(indicators)
-  report_dir = threat_model_dir(workdir, config, epsilon, norm)
+  own_dir = threat_model_dir(workdir, config, epsilon, norm)
+  if report_dir and os.path.realpath(report_dir) == os.path.realpath(workdir):
+    raise UserError(f"--report_dir {report_dir} is the workdir itself; leave --report_dir out to "
+                    "add to the workdir's report, or name another directory")
+  if report_dir and jax.process_index() == 0:
+    os.makedirs(report_dir, exist_ok=True)
+    workdir_lock.acquire(report_dir, "--report_dir")
+  report_dir = report_dir or own_dir
   attack_names = suite.parse_attack_names(attacks or config.eval.attacks, field="--attacks")
   parallel.enable_compilation_cache(config.compilation_cache_dir)
   mesh = parallel.make_mesh()
