@@ -114,7 +114,9 @@ class Report:
       flags = read_examples(self.workdir) or {}
       for key in ("robust_accuracy", "attack_time_s", "measured", "transfer_attacks"):
         self.data[key] = dict(old.get(key, {}))
-      for key in ("robustness_curve", "train_time_s", "compile_time_s"):
+      # eval_time_s: the evaluation time spent on this report so far (a resumed evaluation adds
+      # its own to it).
+      for key in ("robustness_curve", "train_time_s", "compile_time_s", "eval_time_s"):
         if key in old:
           self.data.setdefault(key, old[key])
       self.flags = flags

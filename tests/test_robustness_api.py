@@ -192,6 +192,9 @@ def test_state_dir_keeps_the_report_and_skips_what_was_measured(tmp_path, capsys
   np.testing.assert_array_equal(second.flags["fgsm"], first.flags["fgsm"])
   assert set(second.robust_accuracy) == {"fgsm", "pgd20"}
   assert second.worst_case_accuracy == np.mean(second.worst_case)
+  # The evaluation time is of every call on the report, not only of the last one.
+  third = run(("fgsm", "pgd20"))
+  assert third.report["eval_time_s"] > second.report["eval_time_s"] > first.report["eval_time_s"]
   other = robustness.evaluate(logits_fn, images, labels, epsilon=0.02, attacks=("fgsm",),
                               params=w * 2, progress=False, state_dir=str(tmp_path))
   assert set(other.robust_accuracy) == {"fgsm"}  # other weights: a new report

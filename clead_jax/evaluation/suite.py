@@ -188,7 +188,8 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
   autoattack_state(name) -> the path where AutoAttack `name` saves its progress (None: not
   saved).
   """
-  start = time.time()
+  # The seconds of earlier, stopped calls on the same report count too (see report.Report).
+  start = time.time() - (report.data.get("eval_time_s", 0.0) if report is not None else 0.0)
   if report is None:
     report = report_lib.Report(None, {"num_examples": int(len(labels))}, {}, is_writer=False)
   report.set(num_examples=int(len(labels)))
