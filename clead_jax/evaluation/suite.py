@@ -252,10 +252,8 @@ def evaluate(evaluator, variables, images, labels, *, epsilon, attack_names, cur
       + checks.monotonicity_warnings(white_box, data.get("robustness_curve"), len(labels))
       + checks.gradient_warnings(*evaluator.input_gradient_flags(variables, images, labels))),
       eval_time_s=time.time() - start)
-  if with_indicators:
+  if with_indicators:  # (a continued report never carries an earlier call's indicators over)
     report.set(indicators=indicators.compute(evaluator, variables, images, labels,
                                              epsilon=epsilon, report=report),
                eval_time_s=time.time() - start)
-  else:
-    report.data.pop("indicators", None)  # an earlier evaluation's, not of these numbers
   return report.write()
