@@ -27,7 +27,7 @@ from clead_jax.errors import UserError
 LOCK_FILE = "clead_jax.lock"
 
 _enabled = False
-_held = {}  # real path of a workdir -> the open lock file, held until the process ends
+_held = {}  # real path of a lock file -> its open file, held until the process ends
 
 
 def enable():
@@ -60,16 +60,18 @@ def _holder(path):
   return f"pid {pid}: {command}" if pid else "a process that has not named itself yet"
 
 
-def acquire(workdir, flag="--workdir"):
-  """Holds DIR's lock until this process ends; a no-op outside command processes, for a workdir
-  this process holds already, or for one that does not exist (the command creates it later and
-  takes the lock then). UserError when another process holds it or DIR is not writable."""
+def acquire(workdir, flag="--workdir", lock_file=LOCK_FILE):
+  """Holds DIR's lock until this process ends; a no-op outside command processes, for a lock
+  this process holds already, or for a workdir that does not exist (the command creates it later
+  and takes the lock then). UserError when another process holds it or DIR is not writable.
+  lock_file: another lock of DIR (a study's summary writer locks DIR/<summary>.lock, so that
+  studies of other sweeps can share DIR and its finished runs)."""
   if not _enabled or not os.path.isdir(workdir):
     return
-  key = os.path.realpath(workdir)
+  path = os.path.join(workdir, lock_file)
+  key = os.path.realpath(path)
   if key in _held:
     return
-  path = os.path.join(workdir, LOCK_FILE)
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:

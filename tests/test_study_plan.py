@@ -242,3 +242,35 @@ def test_the_modes_exclude_each_other(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       "error: --plan and --collect: give at most one of --plan, --run_index, --collect")
+
+
+_HOLD_SUMMARY_LOCK = """
+import sys, time
+from clead_jax import workdir_lock
+workdir_lock.enable()
+workdir_lock.acquire(sys.argv[1], lock_file="study.lock")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_writer_per_summary_and_studies_of_other_sweeps_share_the_directory(tmp_path):
+  """The study without sweeps writes DIR/study.md under DIR/study.lock: while another process
+  holds that lock, the same study stops with one line, and a study of another sweep (an ablation
+  sharing DIR's runs) goes on."""
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_SUMMARY_LOCK, str(tmp_path)], cwd=REPO,
+                            env=processes.env(), stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    same = processes.run(_study(tmp_path, "--collect"), timeout=300)
+    assert same.returncode == 2, same.stderr[-2000:]
+    assert processes.messages(same.stderr)[-1].startswith(
+        f"error: --workdir {tmp_path} is in use by another process (pid {holder.pid}: "), same.stderr
+    assert not (tmp_path / "study.md").exists()
+    other = processes.run(_study(tmp_path, "--collect", "--sweep", "config.train.epochs=1,2"),
+                          timeout=300)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "Not finished (not in the table): " in (tmp_path / "study_train.epochs.md").read_text()
+  finally:
+    holder.kill()
+    holder.wait()

@@ -86,9 +86,12 @@ def main(argv):
       runs.run_index(*study[:4], values.run_index, sweeps, baselines, is_writer=is_writer,
                      surrogate_wait_s=values.surrogate_wait_s)
       return
-    if is_writer:  # one summary writer per study directory; each run also locks its own
+    if is_writer:
+      # One writer per summary (DIR/study_<sweep fields>.lock), and each run locks its own
+      # directory: studies of other sweeps (ablations) can run in DIR at once, sharing its runs.
       os.makedirs(values.workdir, exist_ok=True)
-      workdir_lock.acquire(values.workdir)
+      summary_lock = os.path.basename(tables.stem_path(values.workdir, sweeps)) + ".lock"
+      workdir_lock.acquire(values.workdir, lock_file=summary_lock)
     command = shlex.join(["python", "-m", "clead_jax.study"] + _study_args(sys.argv[1:]))
     if values.collect:
       summary = runs.collect(*study, None, command, is_writer=is_writer)
