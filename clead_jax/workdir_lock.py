@@ -1,7 +1,8 @@
 """One writer per workdir, and every path a command will write probed before the work.
 
 A command that writes into a workdir (training, evaluate, crosscheck, a study and each of its runs)
-holds an exclusive lock on DIR/clead_jax.lock for as long as its process lives: fcntl.flock, which
+holds an exclusive lock on DIR/clead_jax.lock (a study's summary writer: DIR/study_<sweep
+fields>.lock, one per summary) for as long as its process lives: fcntl.flock, which
 the kernel drops when the process ends however it ends, so a killed run never leaves a stale lock.
 The holder writes its pid and command into the file; a second process reads them and stops with
 one line (UserError: exit 2) before it writes anything. The file itself stays (it is never the
