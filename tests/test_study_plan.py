@@ -254,6 +254,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow  # real processes
 def test_one_writer_per_summary_and_studies_of_other_sweeps_share_the_directory(tmp_path):
   """The study without sweeps writes DIR/study.md under DIR/study.lock: while another process
   holds that lock, the same study stops with one line, and a study of another sweep (an ablation
