@@ -55,7 +55,7 @@ def _threat_model(report):
           "num_examples": report.get("num_examples")}
 
 
-def _shared_white_box(reports):
+def shared_white_box(reports):
   """The white-box attacks (top level, not transfer) that every report of the table holds, in
   the table's order: the worst case of every run is over this one set."""
   sets = [set(_white_box(r, r["robust_accuracy"])) for r in reports]
@@ -63,15 +63,21 @@ def _shared_white_box(reports):
   return [a for a in ATTACK_ORDER if a in shared] + sorted(shared - set(ATTACK_ORDER))
 
 
+def worst_case_flags(flags, attacks):
+  """Per example, whether the point survives every attack of `attacks` (and is classified
+  correctly): `flags` is a run's per-example results (report.read_examples)."""
+  robust = flags["clean"].copy()
+  for name in attacks:
+    robust &= flags[name]
+  return robust
+
+
 def _worst_case(report, flags, attacks, per_example):
   """The run's worst case over `attacks`: per example (a point counts only if every attack
   failed on it) when every run of the table has its per-example flags, else the lowest of the
   attacks' accuracies (for every run alike)."""
   if per_example:
-    robust = flags["clean"].copy()
-    for name in attacks:
-      robust &= flags[name]
-    return float(np.mean(robust))
+    return float(np.mean(worst_case_flags(flags, attacks)))
   return min(report["robust_accuracy"][a] for a in attacks)
 
 
@@ -81,7 +87,7 @@ def summarize(config, variants, seeds, reports, failures, sweeps, note, command,
   (report.read_examples) or None}; `missing`: labels of the runs not finished (nor failed)."""
   examples = examples or {}
   finished = [reports[(v, s)] for v in variants for s in seeds if (v, s) in reports]
-  shared = _shared_white_box(finished)
+  shared = shared_white_box(finished)
   per_example = bool(shared) and all(
       (examples.get((v, s)) or {}).keys() >= {"clean", *shared}
       for v in variants for s in seeds if (v, s) in reports)
