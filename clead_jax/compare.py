@@ -44,7 +44,8 @@ def _define_flags():
 
 def mcnemar_p(only_a, only_b):
   """Exact two-sided McNemar p-value: the chance, if each discordant image were equally likely to
-  favour either method, of a split at least as uneven as only_a : only_b."""
+  favour either method, of a split at least as uneven as only_a : only_b (exact integer
+  arithmetic; 0.0 where it is below the smallest float)."""
   n = only_a + only_b
   if n == 0:
     return 1.0
@@ -161,7 +162,8 @@ def to_markdown(result):
     error = ("" if paired["standard_error"] is None
              else f" ± {100 * paired['standard_error']:.1f}")
     images = ("—" if row["only_a"] is None else f"{row['only_a']} / {row['only_b']}")
-    p_value = "—" if row["mcnemar_p"] is None else f"{row['mcnemar_p']:.2g}"
+    p_value = ("—" if row["mcnemar_p"] is None else "< 1e-300" if row["mcnemar_p"] == 0
+               else f"{row['mcnemar_p']:.2g}")  # 0.0: below the smallest float
     lines.append(f"| {label(row)} | {', '.join(f'{100 * d:+.1f}' for d in paired['differences'])}"
                  f" | {100 * paired['mean']:+.1f}{error} | {paired['ahead']}/"
                  f"{len(paired['seeds'])} | {images} | {p_value} |")

@@ -95,3 +95,12 @@ def test_without_per_example_results_the_seed_pairs_remain(tmp_path):
                                                          abs=1e-9), row["measure"]
   assert "no image counts" in compare.to_markdown(result)
   assert np.isfinite([r["paired"]["mean"] for r in result["rows"]]).all()
+
+
+def test_a_p_value_below_the_smallest_float_is_printed_as_such():
+  # PGD-AT seed 2 never trained: over the 10,000 images McNemar's p underflows.
+  result = compare.compare(PAIR, PGD_AT, [0, 1, 2], "all_test")
+  row = next(r for r in result["rows"] if r["measure"] == "pgd20")
+  assert row["mcnemar_p"] == 0.0 and row["only_a"] > 5 * row["only_b"]
+  line = next(l for l in compare.to_markdown(result).splitlines() if l.startswith("| pgd20 |"))
+  assert line.endswith(f"| {row['only_a']} / {row['only_b']} | < 1e-300 |"), line
