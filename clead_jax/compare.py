@@ -120,18 +120,19 @@ def compare(dir_a, dir_b, seeds=None, subdir=""):
               else min(report["robust_accuracy"][a] for a in worst_attacks))
     return report["clean_accuracy"] if measure == CLEAN else report["robust_accuracy"][measure]
 
+  def as_row(k, measure):  # method k's runs as tables.paired_difference reads a study's row
+    values = {seed: value(*pair[k], measure) for seed, pair in runs.items()}
+    return {"runs": [{"seed": seed, "robust_accuracy": {measure: v}, "worst_case_accuracy": v}
+                     for seed, v in values.items()]}
+
   def correct(flags_, measure):
     return (tables.worst_case_flags(flags_, worst_attacks) if measure == tables.WORST_CASE
             else flags_[measure])
 
   rows = []
   for measure in measures + ([tables.WORST_CASE] if worst_attacks else []):
-    # tables.paired_difference reads a run's robust_accuracy[measure], or worst_case_accuracy.
-    as_rows = [{"runs": [{"seed": s, "robust_accuracy": {measure: v}, "worst_case_accuracy": v}
-                         for s, pair in runs.items()
-                         for v in [value(pair[k][0], pair[k][1], measure)]]} for k in (0, 1)]
     row = {"measure": measure, "transfer": measure in transfer,
-           "paired": tables.paired_difference(*as_rows, measure),
+           "paired": tables.paired_difference(as_row(0, measure), as_row(1, measure), measure),
            "only_a": None, "only_b": None, "mcnemar_p": None}
     if per_example:
       only_a = sum(int((correct(fa, measure) & ~correct(fb, measure)).sum())
