@@ -135,10 +135,9 @@ def compare(dir_a, dir_b, seeds=None, subdir=""):
            "paired": tables.paired_difference(as_row(0, measure), as_row(1, measure), measure),
            "only_a": None, "only_b": None, "mcnemar_p": None}
     if per_example:
-      only_a = sum(int((correct(fa, measure) & ~correct(fb, measure)).sum())
-                   for (_, fa), (_, fb) in runs.values())
-      only_b = sum(int((~correct(fa, measure) & correct(fb, measure)).sum())
-                   for (_, fa), (_, fb) in runs.values())
+      pairs = [(correct(fa, measure), correct(fb, measure)) for (_, fa), (_, fb) in runs.values()]
+      only_a = sum(int((a & ~b).sum()) for a, b in pairs)
+      only_b = sum(int((~a & b).sum()) for a, b in pairs)
       row.update(only_a=only_a, only_b=only_b, mcnemar_p=mcnemar_p(only_a, only_b))
     rows.append(row)
   first = runs[seeds[0]][0][0]
